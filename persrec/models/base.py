@@ -1,0 +1,192 @@
+"""The contract every backbone fulfils, and the pieces they share.
+
+A backbone turns a sequence of input vectors into hidden states under an arbitrary boolean attention mask, optionally
+attending to cached key/values of earlier tokens. Keeping that contract small is what lets the expert-token mechanism
+(`persrec.models.experts`) work for every backbone without knowing its internals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class BackboneConfig:
+    """Shape and regularisation of a sequence backbone.
+
+    `max_positions` bounds the learned position table: the item window plus any inserted expert tokens.
+    """
+
+    num_items: int
+    max_positions: int = 200
+    embedding_dim: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    attn_dropout: float = 0.0
+    # HSTU only: per-head query/key and value widths (0 = embedding_dim // num_heads).
+    qk_dim: int = 0
+    v_dim: int = 0
+    # HSTU only: the relative position / time bias of the original paper.
+    relative_position_bias: bool = False
+    relative_time_bias: bool = False
+    time_buckets: int = 128
+    # SASRec only: feed-forward width (0 = embedding_dim).
+    ffn_dim: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim % self.num_heads and not (self.qk_dim and self.v_dim):
+            raise ValueError(
+                f"embedding_dim={self.embedding_dim} is not divisible by num_heads={self.num_heads}; "
+                "choose compatible values or set qk_dim and v_dim explicitly"
+            )
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of tokens already processed, plus what attention needs to know about them.
+
+    keys[l], values[l]: [B, H, C, d_head]; positions: [B, C] int64; timestamps: [B, C] int64 or None;
+    valid: [B, C] bool (False for padding slots, which no query may attend to).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    positions: Tensor
+    timestamps: Tensor | None
+    valid: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    def select(self, index: Tensor) -> KVCache:
+        """Keep only cached slots `index` ([C'] int64), e.g. the expert tokens of a longer sequence."""
+        return KVCache(
+            keys=[k.index_select(2, index) for k in self.keys],
+            values=[v.index_select(2, index) for v in self.values],
+            positions=self.positions.index_select(1, index),
+            timestamps=None if self.timestamps is None else self.timestamps.index_select(1, index),
+            valid=self.valid.index_select(1, index),
+        )
+
+    @staticmethod
+    def concat(caches: list[KVCache]) -> KVCache:
+        """Join caches along the token axis, oldest first."""
+        first = caches[0]
+        return KVCache(
+            keys=[torch.cat([c.keys[i] for c in caches], dim=2) for i in range(len(first.keys))],
+            values=[torch.cat([c.values[i] for c in caches], dim=2) for i in range(len(first.values))],
+            positions=torch.cat([c.positions for c in caches], dim=1),
+            timestamps=None if first.timestamps is None else torch.cat([c.timestamps for c in caches], dim=1),
+            valid=torch.cat([c.valid for c in caches], dim=1),
+        )
+
+
+def causal_padding_mask(valid: Tensor) -> Tensor:
+    """Causal mask over one sequence that also hides padding keys.
+
+    valid: [B, L] bool -> [B, L, L] bool (True = may attend). Every query keeps its own diagonal so that rows of
+    padding tokens are never empty (an empty softmax row is NaN); their outputs are ignored downstream.
+    """
+    length = valid.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril_()
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+    return (causal & valid[:, None, :]) | eye
+
+
+def full_attention_mask(mask: Tensor, cache: KVCache | None) -> Tensor:
+    """Prepend the cache's columns to a [B, L, L] mask: every query may see every valid cached slot.
+
+    Callers that need finer control over cached columns (several expert segments, stale experts) build the
+    [B, L, C + L] mask themselves and pass it with `mask_includes_cache=True`.
+    """
+    if cache is None:
+        return mask
+    cached = cache.valid[:, None, :].expand(-1, mask.shape[1], -1)
+    return torch.cat([cached, mask], dim=2)
+
+
+class SequenceBackbone(nn.Module):
+    """Item-ID embeddings + learned positions + a stack of attention layers (defined by subclasses).
+
+    Subclasses implement `_layers_forward`. Everything a training step, the evaluator or the expert mechanism
+    needs goes through `embed_items`, `input_embeddings`, `encode` and `forward`.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.embedding_dim
+        self.item_embedding = nn.Embedding(config.num_items + 1, dim, padding_idx=0)
+        self.position_embedding = nn.Embedding(config.max_positions, dim)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.embedding_scale = math.sqrt(dim)
+        nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
+        nn.init.normal_(self.position_embedding.weight, std=dim**-0.5)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    @property
+    def dim(self) -> int:
+        return self.config.embedding_dim
+
+    def embed_items(self, item_ids: Tensor) -> Tensor:
+        """Output-side item vectors used for scoring and the loss: ids [...] -> [..., D]."""
+        return self.item_embedding(item_ids)
+
+    def all_item_embeddings(self) -> Tensor:
+        """[N + 1, D]; row 0 is padding and is never ranked."""
+        return self.item_embedding.weight
+
+    def input_embeddings(self, item_ids: Tensor) -> Tensor:
+        """Input-side vectors of items (before positions): [B, L] -> [B, L, D]."""
+        return self.item_embedding(item_ids) * self.embedding_scale
+
+    def encode(
+        self,
+        inputs: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        timestamps: Tensor | None = None,
+        cache: KVCache | None = None,
+        mask_includes_cache: bool = False,
+        return_cache: bool = False,
+    ) -> tuple[Tensor, KVCache | None]:
+        """Run the layers over already-embedded tokens.
+
+        inputs: [B, L, D] input vectors (items already scaled, expert tokens as they are); mask: [B, L, L] bool
+        over the current tokens, or [B, L, C + L] with `mask_includes_cache` (columns: cache first);
+        positions: [B, L] int64 position ids; timestamps: [B, L] int64 or None; cache: key/values of C earlier
+        tokens. Returns hidden states [B, L, D] (after the final norm) and, with `return_cache`, the key/values of
+        the current tokens only (not the earlier cache).
+        """
+        hidden = self.input_dropout(inputs + self.position_embedding(positions))
+        if not mask_includes_cache:
+            mask = full_attention_mask(mask, cache)
+        return self._layers_forward(hidden, mask, positions, timestamps, cache, return_cache)
+
+    def forward(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """Plain causal forward over left-padded item ids [B, L] -> hidden states [B, L, D]."""
+        valid = item_ids > 0
+        positions = torch.arange(item_ids.shape[1], device=item_ids.device).expand_as(item_ids)
+        hidden, _ = self.encode(
+            self.input_embeddings(item_ids), causal_padding_mask(valid), positions, timestamps
+        )
+        return hidden
+
+    def _layers_forward(
+        self,
+        hidden: Tensor,
+        mask: Tensor,
+        positions: Tensor,
+        timestamps: Tensor | None,
+        cache: KVCache | None,
+        return_cache: bool,
+    ) -> tuple[Tensor, KVCache | None]:
+        raise NotImplementedError
