@@ -8,7 +8,7 @@ attending to cached key/values of earlier tokens. Keeping that contract small is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,8 @@ class BackboneConfig:
     time_buckets: int = 128
     # SASRec only: feed-forward width (0 = embedding_dim).
     ffn_dim: int = 0
-    extra: dict = field(default_factory=dict)
+    # HSTU only: auto, tiled or reference (see persrec.models.hstu_attention).
+    attention_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.embedding_dim % self.num_heads and not (self.qk_dim and self.v_dim):

@@ -65,6 +65,7 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout
         self.normaliser = float(config.max_positions)
+        self.attention_implementation = config.attention_implementation
         uses_bias = config.relative_position_bias or config.relative_time_bias
         self.relative_bias = RelativeBias(config) if uses_bias else None
 
@@ -96,7 +97,7 @@ class HSTULayer(nn.Module):
             # Dropout on attention weights needs them materialised: only the reference path has them.
             attended = hstu_attention_reference(q, k, v, mask, bias, self.normaliser, self.attn_dropout)
         else:
-            attended = hstu_attention(q, k, v, mask, bias, self.normaliser)
+            attended = hstu_attention(q, k, v, mask, bias, self.normaliser, self.attention_implementation)
         batch, length, _ = x.shape
         attended = attended.transpose(1, 2).reshape(batch, length, hv)
         return x + self.output(self.dropout(self.attention_norm(attended) * u)), present

@@ -1,0 +1,274 @@
+"""Typed run configuration: documented defaults, YAML files merged in order, dotted command-line overrides.
+
+Precedence, lowest first: the defaults below → each `--config_file` in the order given → command-line flags.
+Keys keep the names of the original PerSRec/HLLM scripts (`MAX_ITEM_LIST_LENGTH`, `pretrain_item_num`, ...) so
+their configs and launch scripts port unchanged; `persrec.train.build` turns them into the clearly named
+configs the library uses inside. Unknown keys are an error that names the key and suggests the closest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value the user has to fix."""
+
+
+@dataclass
+class OptimArgs:
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    # AdamW betas; 0.98 follows SASRec/HSTU practice for short training runs.
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    # "constant" or "cosine"; both with linear warmup over `warmup_steps` optimizer steps.
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    # Floor of the cosine schedule as a fraction of learning_rate.
+    min_lr_ratio: float = 0.0
+    # Gradient-norm clipping; 0 disables it.
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Config:
+    # ---- data ----
+    # Built-in name (ml-latest-small, ml-1m, synthetic) or the path of a prepared dataset directory.
+    dataset: str = "ml-latest-small"
+    # Where named datasets' raw files live (e.g. the folder holding movielens-1m/).
+    data_path: str | None = None
+    # Where prepared datasets are cached (default: $PERSREC_CACHE_DIR or ~/.cache/persrec).
+    cache_dir: str | None = None
+    # Items per model input: the item window (for expert models: pretrain_item_num + recent_item_num).
+    MAX_ITEM_LIST_LENGTH: int = 200
+    # Items loaded from the end of each history before slicing (default: MAX_ITEM_LIST_LENGTH + 1).
+    train_feat_max_length: int | None = None
+    # Slice [item_start_position, item_end_position] (inclusive; 0/None = to the end) of the loaded items.
+    item_start_position: int = 0
+    item_end_position: int | None = None
+    # Size of the synthetic dataset (users); only for dataset=synthetic.
+    synthetic_users: int = 2000
+    # ---- model ----
+    # SASRec or HSTU (PersonalizedSASRec / PersonalizedHSTU accepted as aliases).
+    model: str = "HSTU"
+    n_layers: int = 2
+    n_heads: int = 1
+    # Item embedding width; also the hidden width of the ID backbones.
+    item_embedding_size: int = 50
+    # HSTU per-head query/key and value widths (0 = item_embedding_size // n_heads).
+    hstu_qk_dim: int = 0
+    hstu_v_dim: int = 0
+    # SASRec feed-forward width (0 = item_embedding_size).
+    inner_size: int = 0
+    hidden_dropout_prob: float = 0.2
+    attn_dropout_prob: float = 0.0
+    # HSTU relative attention bias on position and on log-bucketed time gaps.
+    relative_position_bias: bool = False
+    relative_time_bias: bool = False
+    # HSTU attention kernel: auto (tiled on CPU, batched on CUDA), tiled or reference.
+    attention_implementation: str = "auto"
+    # ---- loss ----
+    # Only "nce" (sampled softmax on cosine similarity) is implemented.
+    loss: str = "nce"
+    num_negatives: int = 128
+    in_batch_negatives: bool = False
+    # Gather negatives across torch.distributed ranks.
+    gather_negatives: bool = False
+    temperature: float = 0.05
+    # True keeps the temperature fixed; False learns it (initialised from `temperature`).
+    fix_temp: bool = True
+    # Mask a negative whose cosine with the positive exceeds this (None = only identical ids are removed).
+    collision_cosine_threshold: float | None = None
+    # ---- training ----
+    epochs: int = 100
+    train_batch_size: int = 128
+    eval_batch_size: int = 256
+    optim_args: OptimArgs = field(default_factory=OptimArgs)
+    # Stop after this many evaluations without improvement of `valid_metric`.
+    stopping_step: int = 10
+    valid_metric: str = "ndcg@10"
+    # Evaluate on the validation split every this many epochs.
+    eval_interval: int = 1
+    seed: int = 42
+    num_workers: int = 0
+    # auto (CUDA when available), cpu, cuda, cuda:1 ...
+    device: str = "auto"
+    # auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.
+    precision: str = "auto"
+    # Runs are written to checkpoint_dir/run_name (default run_name: model-dataset-timestamp).
+    checkpoint_dir: str = "runs"
+    run_name: str | None = None
+    # Continue a run from its last checkpoint: a run directory, a checkpoint directory, or true (latest run).
+    resume: str | None = None
+    # Save a checkpoint every this many optimizer steps as well as after every epoch (0 = per epoch only).
+    save_every_steps: int = 0
+    # csv, tensorboard or none.
+    logger: str = "csv"
+    show_progress: bool = True
+    # Stop after this many optimizer steps in total (0 = no limit); for smoke tests and benchmarks.
+    max_steps: int = 0
+    # ---- evaluation ----
+    topk: list[int] = field(default_factory=lambda: [5, 10, 50, 200])
+    # Remove the items already in the user's history from the ranking (printed with every result).
+    filter_seen: bool = False
+    # Only evaluate the given checkpoint (or the initial model) on the validation split.
+    val_only: bool = False
+    # Also evaluate a popularity baseline next to the model.
+    popularity_baseline: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return apply_overrides(self, changes)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        close = [k for k in known if k.rsplit(".", 1)[-1] in difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in known], n=1)]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "1", "yes", "on"}:
+        return True
+    if text in {"false", "0", "no", "off"}:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, with a message naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
+            return None
+        return _coerce(value, options[0], key)
+    if dataclasses.is_dataclass(annotation):
+        raise ConfigError(f"{key} is a section; set its fields with {key}.<name>")
+    try:
+        if annotation is bool:
+            return _parse_bool(value, key)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return value if isinstance(value, str) else json.dumps(value)
+        if origin is list:
+            (inner,) = typing.get_args(annotation)
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            if not isinstance(value, list | tuple):
+                value = [value]
+            return [_coerce(v, inner, key) for v in value]
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        name = getattr(annotation, "__name__", str(annotation))
+        raise ConfigError(f"{key}: expected {name}, got {value!r}") from error
+    return value
+
+
+def _set(target: Any, dotted: str, value: Any, where: str) -> None:
+    head, _, rest = dotted.partition(".")
+    fields = _fields(type(target))
+    if head not in fields:
+        candidates = list(fields)
+        for name, annotation in fields.items():
+            if dataclasses.is_dataclass(annotation):
+                candidates += [f"{name}.{inner}" for inner in _fields(annotation)]
+        raise _unknown_key(dotted if "." in dotted else head, candidates, where)
+    annotation = fields[head]
+    if dataclasses.is_dataclass(annotation):
+        section = getattr(target, head)
+        if rest:
+            _set(section, rest, value, where)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{head} in {where} must be a mapping of its fields")
+        for name, inner in value.items():
+            _set(section, str(name), inner, where)
+        return
+    if rest:
+        raise ConfigError(f"{head} in {where} has no field {rest!r}")
+    setattr(target, head, _coerce(value, annotation, dotted))
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any], where: str = "overrides") -> Config:
+    """A copy of `config` with dotted keys set (`{"optim_args.learning_rate": 1e-4}` or nested dicts)."""
+    result = dataclasses.replace(config, optim_args=dataclasses.replace(config.optim_args))
+    for key, value in overrides.items():
+        _set(result, str(key), value, where)
+    return result
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--a", "1", "--b.c", "x", "--flag"]` -> {"a": "1", "b.c": "x", "flag": "true"}; also `--a=1`."""
+    overrides: dict[str, Any] = {}
+    index = 0
+    while index < len(args):
+        token = args[index]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: options look like --key value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            index += 1
+        elif index + 1 < len(args) and not args[index + 1].startswith("--"):
+            value = args[index + 1]
+            index += 2
+        else:
+            value = "true"
+            index += 1
+        overrides[key] = value
+    return overrides
+
+
+def load_config(files: list[str | Path] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then each YAML file in order, then overrides (typically from the command line)."""
+    config = Config()
+    for path in files or []:
+        config = apply_overrides(config, load_yaml(path), where=str(path))
+    if overrides:
+        config = apply_overrides(config, overrides, where="the command line")
+    return config
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

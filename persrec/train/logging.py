@@ -1,0 +1,73 @@
+"""Metric logs of a run: CSV (always readable, no dependency) or TensorBoard (optional extra)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+
+class MetricLogger:
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NullLogger(MetricLogger):
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+
+class CSVLogger(MetricLogger):
+    """One row per call in `metrics.csv`; a column seen for the first time rewrites the header once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path.is_file():
+            with path.open() as handle:
+                self.rows = list(csv.DictReader(handle))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self.rows.append({"step": step, **values})
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [c for c in row if c not in columns]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        tmp.replace(self.path)
+
+
+class TensorBoardLogger(MetricLogger):
+    def __init__(self, path: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:  # pragma: no cover - depends on the optional extra
+            raise ImportError(
+                "logger=tensorboard needs the tensorboard package: pip install 'persrec[tensorboard]' "
+                "(or use logger=csv)"
+            ) from error
+        self.writer = SummaryWriter(str(path))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def build_logger(kind: str, run_dir: Path, enabled: bool) -> MetricLogger:
+    if not enabled or kind == "none":
+        return NullLogger()
+    if kind == "csv":
+        return CSVLogger(run_dir / "metrics.csv")
+    if kind == "tensorboard":
+        return TensorBoardLogger(run_dir / "tensorboard")
+    raise ValueError(f"logger={kind!r}: expected csv, tensorboard or none")
