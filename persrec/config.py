@@ -78,6 +78,24 @@ class Config:
     relative_time_bias: bool = False
     # HSTU attention kernel: auto (tiled on CPU, batched on CUDA), tiled or reference.
     attention_implementation: str = "auto"
+    # ---- personalized experts (PerSRec) ----
+    # k expert tokens; 0 = a plain backbone. PersonalizedHSTU / PersonalizedSASRec need k > 0.
+    number_of_user_tokens: int = 0
+    # 0/None: all k tokens after pretrain_item_num items; or a JSON list of [offset, k_j] with Σ k_j = k.
+    insert_method: str | None = None
+    # Items in the history part (P) and in the recent window (R); P + R = MAX_ITEM_LIST_LENGTH.
+    pretrain_item_num: int | None = None
+    recent_item_num: int | None = None
+    # Predict from history + experts + recent items (true) or from the recent items alone (false).
+    predict_with_full_item_seq: bool = True
+    # Probability of hiding each history item during training.
+    item_dropout: float = 0.0
+    # Loss on every item target of every segment (true) or on the recent window's targets only.
+    loss_on_all_items: bool = True
+    # Add a per-user learned offset to the shared expert tokens (users unseen in training use the shared ones).
+    per_user_expert_tokens: bool = False
+    # Evaluate expert models through the expert cache (compress + predict); false = the full masked pass.
+    eval_use_cache: bool = True
     # ---- loss ----
     # Only "nce" (sampled softmax on cosine similarity) is implemented.
     loss: str = "nce"
@@ -142,7 +160,12 @@ def _fields(cls: type) -> dict[str, Any]:
 def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close:
-        close = [k for k in known if k.rsplit(".", 1)[-1] in difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in known], n=1)]
+        close = [
+            k
+            for k in known
+            if k.rsplit(".", 1)[-1]
+            in difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in known], n=1)
+        ]
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
@@ -234,7 +257,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     with path.open() as handle:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 

@@ -10,7 +10,8 @@ from persrec.data.datasets.synthetic import SyntheticConfig
 from persrec.data.sequences import WindowConfig
 from persrec.data.store import PreparedDataset
 from persrec.models import BackboneConfig, build_backbone, canonical_model_name
-from persrec.models.recommender import SequentialRecommender
+from persrec.models.experts import ExpertLayout, ExpertSequenceModel
+from persrec.models.recommender import ExpertOptions, ExpertRecommender, SequentialRecommender
 from persrec.train.loss import NCEConfig
 
 
@@ -26,10 +27,30 @@ def window_config(config: Config) -> WindowConfig:
         raise ConfigError(str(error)) from error
 
 
+def expert_layout(config: Config) -> ExpertLayout | None:
+    """The expert-token layout, or None for a plain backbone."""
+    personalized = config.model.lower().startswith("personalized")
+    if config.number_of_user_tokens <= 0:
+        if personalized:
+            raise ConfigError(f"model={config.model} needs number_of_user_tokens > 0")
+        return None
+    try:
+        return ExpertLayout.from_options(
+            window=config.MAX_ITEM_LIST_LENGTH,
+            number_of_user_tokens=config.number_of_user_tokens,
+            insert_method=config.insert_method,
+            pretrain_item_num=config.pretrain_item_num,
+            recent_item_num=config.recent_item_num,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def backbone_config(config: Config, num_items: int) -> BackboneConfig:
+    layout = expert_layout(config)
     return BackboneConfig(
         num_items=num_items,
-        max_positions=config.MAX_ITEM_LIST_LENGTH,
+        max_positions=config.MAX_ITEM_LIST_LENGTH if layout is None else layout.length,
         embedding_dim=config.item_embedding_size,
         num_layers=config.n_layers,
         num_heads=config.n_heads,
@@ -57,12 +78,27 @@ def nce_config(config: Config) -> NCEConfig:
     )
 
 
-def build_model(config: Config, num_items: int) -> SequentialRecommender:
+def build_model(
+    config: Config, num_items: int, num_users: int = 0
+) -> SequentialRecommender | ExpertRecommender:
+    """The recommender a config describes; `num_users` sizes the optional per-user expert table."""
     try:
-        name = canonical_model_name(config.model)
-        return SequentialRecommender(build_backbone(name, backbone_config(config, num_items)))
+        backbone = build_backbone(canonical_model_name(config.model), backbone_config(config, num_items))
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    layout = expert_layout(config)
+    if layout is None:
+        return SequentialRecommender(backbone)
+    if not 0 <= config.item_dropout < 1:
+        raise ConfigError(f"item_dropout={config.item_dropout} must lie in [0, 1)")
+    model = ExpertSequenceModel(backbone, layout, num_users if config.per_user_expert_tokens else 0)
+    options = ExpertOptions(
+        loss_on_all_items=config.loss_on_all_items,
+        item_dropout=config.item_dropout,
+        predict_with_full_item_seq=config.predict_with_full_item_seq,
+        use_cache=config.eval_use_cache,
+    )
+    return ExpertRecommender(model, options)
 
 
 def load_dataset(config: Config, progress: bool = True) -> PreparedDataset:

@@ -88,7 +88,9 @@ def resolve_resume(config: Config) -> Path | None:
         root = Path(config.checkpoint_dir)
         target = root / config.run_name if config.run_name else None
         if target is None:
-            runs = sorted((p for p in root.glob("*") if ckpt.latest_checkpoint(p)), key=lambda p: p.stat().st_mtime)
+            runs = sorted(
+                (p for p in root.glob("*") if ckpt.latest_checkpoint(p)), key=lambda p: p.stat().st_mtime
+            )
             target = runs[-1] if runs else None
     else:
         target = Path(config.resume)
@@ -102,7 +104,9 @@ class Trainer:
     def __init__(self, config: Config, ctx: DistributedContext) -> None:
         self.ctx = ctx
         resume_from = resolve_resume(config)
-        self.run_dir = resume_from.parent.parent if resume_from and resume_from.parent.name == "checkpoints" else None
+        self.run_dir = (
+            resume_from.parent.parent if resume_from and resume_from.parent.name == "checkpoints" else None
+        )
         self.config = config
         seed_everything(config.seed + ctx.rank)
         self.progress = config.show_progress and ctx.is_main
@@ -112,11 +116,13 @@ class Trainer:
         if not ctx.is_main:
             self.store = load_dataset(config, progress=False)
         self.window = window_config(config)
-        self.model = build_model(config, self.store.num_items).to(ctx.device)
+        self.model = build_model(config, self.store.num_items, self.store.num_users).to(ctx.device)
         self.loss = SampledSoftmaxLoss(nce_config(config), self.store.num_items).to(ctx.device)
         self.train_set = TrainSequences(self.store, self.window)
         if len(self.train_set) == 0:
-            raise ConfigError(f"dataset {config.dataset!r} has no user with at least 3 interactions to train on")
+            raise ConfigError(
+                f"dataset {config.dataset!r} has no user with at least 3 interactions to train on"
+            )
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
         )
@@ -139,10 +145,14 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(params, config.optim_args, total)
         self.negatives = torch.Generator(device=ctx.device).manual_seed(config.seed * 1000 + ctx.rank)
         self.state = ckpt.TrainerState()
-        self.eval_config = EvalConfig(ks=tuple(config.topk), filter_seen=config.filter_seen, ties="pessimistic")
+        self.eval_config = EvalConfig(
+            ks=tuple(config.topk), filter_seen=config.filter_seen, ties="pessimistic"
+        )
         self.autocast = self._autocast()
         self.ddp = (
-            DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
             if ctx.enabled
             else None
         )
@@ -237,7 +247,12 @@ class Trainer:
             self.state.batch_in_epoch += 1
             bar.update(1)
             if steps % LOG_EVERY == 0:  # reading the loss syncs with the device: only now and then
-                rate = steps * self.config.train_batch_size * self.ctx.world_size / (time.perf_counter() - started)
+                rate = (
+                    steps
+                    * self.config.train_batch_size
+                    * self.ctx.world_size
+                    / (time.perf_counter() - started)
+                )
                 bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", seq_per_s=f"{rate:.0f}")
             if self.config.save_every_steps and self.state.global_step % self.config.save_every_steps == 0:
                 self._save()
@@ -255,7 +270,9 @@ class Trainer:
     def _improved(self, metrics: dict[str, float]) -> bool:
         key = self.config.valid_metric
         if key not in metrics:
-            raise ConfigError(f"valid_metric={key!r} is not measured; choose one of {', '.join(sorted(metrics))}")
+            raise ConfigError(
+                f"valid_metric={key!r} is not measured; choose one of {', '.join(sorted(metrics))}"
+            )
         best = self.state.best_metric
         return best is None or metrics[key] > best
 
@@ -269,7 +286,9 @@ class Trainer:
             if self.state.batch_in_epoch >= len(self.batches) + self.batches.skip:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
-            evaluate_now = (epoch + 1) % self.config.eval_interval == 0 or self.state.epoch >= self.config.epochs
+            evaluate_now = (
+                epoch + 1
+            ) % self.config.eval_interval == 0 or self.state.epoch >= self.config.epochs
             if evaluate_now or self._done():
                 valid = self.evaluate("valid")
                 record.update({f"valid/{k}": v for k, v in valid.items() if k != "count"})
@@ -294,7 +313,9 @@ class Trainer:
             self._save()
             if self.state.evaluations_without_improvement >= self.config.stopping_step:
                 if self.progress:
-                    print(f"early stopping: no improvement of {self.config.valid_metric} in {self.config.stopping_step} evaluations")
+                    print(
+                        f"early stopping: no improvement of {self.config.valid_metric} in {self.config.stopping_step} evaluations"
+                    )
                 break
         self.ctx.barrier()
         if best_path.is_file():
@@ -310,7 +331,12 @@ class Trainer:
         baseline = None
         if self.config.popularity_baseline:
             loader = eval_loader(
-                self.store, "test", self.window, self.config.eval_batch_size, self.ctx, self.config.filter_seen
+                self.store,
+                "test",
+                self.window,
+                self.config.eval_batch_size,
+                self.ctx,
+                self.config.filter_seen,
             )
             baseline = evaluate_popularity_baseline(
                 self.store, loader, self.eval_config, training_item_frequencies(self.store)
@@ -332,6 +358,6 @@ class Trainer:
         results = {"valid": result.valid, "test": result.test}
         if result.baseline is not None:
             results["test (popularity baseline)"] = result.baseline
-        print(format_metrics_table(results, filter_seen=self.config.filter_seen))
+        print(format_metrics_table(results, filter_seen=self.config.filter_seen, ties=self.eval_config.ties))
         print(f"best epoch: {result.best_epoch}; best weights + config: {result.best_checkpoint}")
         print(f"checkpoints: {result.run_dir / 'checkpoints'}; logs: {result.run_dir}")
