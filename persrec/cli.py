@@ -82,7 +82,9 @@ def cmd_quickstart(argv: list[str]) -> int:
 
 def cmd_evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="persrec evaluate", description="Evaluate a checkpoint.")
-    parser.add_argument("checkpoint", type=Path, help="run directory, checkpoint directory or best/ directory")
+    parser.add_argument(
+        "checkpoint", type=Path, help="run directory, checkpoint directory or best/ directory"
+    )
     args, rest = parser.parse_known_args(argv)
     from persrec.eval.evaluate_checkpoint import evaluate_checkpoint
 
@@ -97,7 +99,9 @@ def cmd_prepare(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, type=Path, help="prepared dataset directory to create")
     parser.add_argument("--items", type=Path, help="item table parquet keyed by item id (optional)")
     parser.add_argument("--user_col", default="user_id")
-    parser.add_argument("--item_col", default="item_id", help="item id column (a list column = per-user layout)")
+    parser.add_argument(
+        "--item_col", default="item_id", help="item id column (a list column = per-user layout)"
+    )
     parser.add_argument("--time_col", default="timestamp")
     parser.add_argument("--list_item_col", default="object_id", help="per-user layout: list of item ids")
     parser.add_argument("--list_time_col", default="event_time", help="per-user layout: list of timestamps")
@@ -124,13 +128,17 @@ def cmd_prepare(argv: list[str]) -> int:
         min_item_interactions=args.min_item_interactions,
         memory_limit=args.memory_limit,
     )
-    store = prepare_dataset(args.input, args.output, items=args.items, options=options, overwrite=args.overwrite)
+    store = prepare_dataset(
+        args.input, args.output, items=args.items, options=options, overwrite=args.overwrite
+    )
     print(store)
     return 0
 
 
 def cmd_convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="persrec convert", description="Convert a CSV/TSV/.dat file to parquet.")
+    parser = argparse.ArgumentParser(
+        prog="persrec convert", description="Convert a CSV/TSV/.dat file to parquet."
+    )
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--delimiter", help="default: sniffed (',', tab or '::')")

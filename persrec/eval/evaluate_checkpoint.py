@@ -22,7 +22,9 @@ def find_weights(path: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix == ".safetensors":
             return candidate
-    raise ConfigError(f"no model.safetensors found at {path} (looked for {', '.join(map(str, candidates[1:]))})")
+    raise ConfigError(
+        f"no model.safetensors found at {path} (looked for {', '.join(map(str, candidates[1:]))})"
+    )
 
 
 def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> int:
