@@ -142,6 +142,11 @@ class Config:
     filter_seen: bool = False
     # Only evaluate the given checkpoint (or the initial model) on the validation split.
     val_only: bool = False
+    # persrec evaluate, expert models: also score through the full masked pass and show both.
+    compare_cache: bool = False
+    # persrec evaluate, expert models: staleness study; for each N, experts are compressed from history that
+    # ends N interactions before the recent window (as if not refreshed for N interactions).
+    stale_experts: list[int] = field(default_factory=list)
     # Also evaluate a popularity baseline next to the model.
     popularity_baseline: bool = True
 

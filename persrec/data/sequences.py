@@ -106,13 +106,17 @@ class EvalSequences(Dataset):
         window: WindowConfig,
         users: np.ndarray | None = None,
         with_seen: bool = False,
+        stale_gap: tuple[int, int] | None = None,
     ) -> None:
+        """`stale_gap=(recent, gap)` drops the `gap` items just before the last `recent` input items, so the
+        part of the window before them (an expert model's history) is `gap` interactions out of date."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         self.store = store
         self.window = window
         self.held_out = 2 if split == "valid" else 1
         self.with_seen = with_seen
+        self.stale_gap = stale_gap
         eligible = np.flatnonzero(store.lengths() >= MIN_HISTORY)
         self.users = eligible if users is None else np.intersect1d(users, eligible)
 
@@ -124,8 +128,8 @@ class EvalSequences(Dataset):
         start, stop = int(self.store.offsets[user]), int(self.store.offsets[user + 1])
         end = stop - start - self.held_out + 1
         history = self.store.items[start:stop]
-        items = self.window.select(history, end)
-        times = self.window.select(self.store.timestamps[start:stop], end)
+        items = self._select(history, end)
+        times = self._select(self.store.timestamps[start:stop], end)
         length = self.window.max_length
         example = {
             "input_ids": torch.from_numpy(_left_pad(items[:-1], length, np.int64)),
@@ -136,6 +140,16 @@ class EvalSequences(Dataset):
         if self.with_seen:
             example["seen"] = torch.from_numpy(np.asarray(history[: end - 1], dtype=np.int64))
         return example
+
+    def _select(self, values: np.ndarray, end: int) -> np.ndarray:
+        """The example's items (inputs + target); with a stale gap: [older history][gap removed][recent][target]
+        (the window's item_start/end_position slicing does not apply then)."""
+        if self.stale_gap is None:
+            return self.window.select(values, end)
+        recent, gap = self.stale_gap
+        tail = values[max(0, end - recent - 1) : end]
+        older = values[: max(0, end - recent - 1 - gap)][-(self.window.max_length - recent) :]
+        return np.concatenate([older, tail])
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Any
 from persrec.config import ConfigError, apply_overrides, load_config
 from persrec.eval.ranking import EvalConfig, format_metrics_table
 from persrec.eval.runner import eval_loader, evaluate_model
+from persrec.models.recommender import ExpertRecommender
 from persrec.train import checkpoint as ckpt
 from persrec.train.build import build_model, load_dataset, window_config
 from persrec.train.distributed import setup_distributed, teardown_distributed
@@ -41,9 +42,36 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> int:
         window = window_config(config)
         eval_config = EvalConfig(ks=tuple(config.topk), filter_seen=config.filter_seen, ties="pessimistic")
         results = {}
+        is_expert = isinstance(model, ExpertRecommender)
+        if (config.compare_cache or config.stale_experts) and not is_expert:
+            raise ConfigError(
+                "compare_cache and stale_experts need an expert model (number_of_user_tokens > 0)"
+            )
         for split in ["valid"] if config.val_only else ["valid", "test"]:
             loader = eval_loader(store, split, window, config.eval_batch_size, ctx, config.filter_seen)
-            results[split] = evaluate_model(model, loader, eval_config, ctx.device)
+            if config.compare_cache:
+                results[f"{split} (expert cache)"] = evaluate_model(
+                    model, loader, eval_config, ctx.device, use_cache=True
+                )
+                results[f"{split} (full masked pass)"] = evaluate_model(
+                    model, loader, eval_config, ctx.device, use_cache=False
+                )
+            else:
+                results[split] = evaluate_model(model, loader, eval_config, ctx.device)
+            for gap in config.stale_experts:
+                recent = config.MAX_ITEM_LIST_LENGTH - model.model.layout.history_length
+                stale = eval_loader(
+                    store,
+                    split,
+                    window,
+                    config.eval_batch_size,
+                    ctx,
+                    config.filter_seen,
+                    stale_gap=(recent, gap),
+                )
+                results[f"{split} (experts {gap} interactions stale)"] = evaluate_model(
+                    model, stale, eval_config, ctx.device
+                )
         if ctx.is_main:
             print(f"checkpoint: {weights}")
             print(format_metrics_table(results, filter_seen=config.filter_seen))

@@ -6,6 +6,7 @@ the figures equal a single-process run over all users.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,8 +16,10 @@ from torch.utils.data import DataLoader
 from persrec.data.sequences import MIN_HISTORY, EvalSequences, WindowConfig, collate
 from persrec.data.store import PreparedDataset
 from persrec.eval.ranking import EmbeddingBatch, EvalConfig, evaluate_popularity, evaluate_ranking
-from persrec.models.recommender import SequentialRecommender
+from persrec.models.recommender import ExpertRecommender, SequentialRecommender
 from persrec.train.distributed import DistributedContext
+
+Recommender = SequentialRecommender | ExpertRecommender
 
 
 def eval_loader(
@@ -27,39 +30,42 @@ def eval_loader(
     ctx: DistributedContext,
     with_seen: bool,
     num_workers: int = 0,
+    stale_gap: tuple[int, int] | None = None,
 ) -> DataLoader:
     users = np.flatnonzero(store.lengths() >= MIN_HISTORY)[ctx.rank :: ctx.world_size]
-    dataset = EvalSequences(store, split, window, users=users, with_seen=with_seen)  # type: ignore[arg-type]
+    dataset = EvalSequences(store, split, window, users=users, with_seen=with_seen, stale_gap=stale_gap)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
 
 
 def _user_batches(
-    model: SequentialRecommender, loader: DataLoader, device: torch.device, autocast: torch.autocast | None
+    model: Recommender,
+    loader: DataLoader,
+    device: torch.device,
+    autocast: torch.autocast | None,
+    use_cache: bool | None,
 ) -> Iterator[EmbeddingBatch]:
     for batch in loader:
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "seen"}
-        if autocast is not None:
-            with autocast:
-                users = model.user_embeddings(inputs)
-        else:
-            users = model.user_embeddings(inputs)
+        with autocast or contextlib.nullcontext():
+            users = model.user_embeddings(inputs, use_cache=use_cache)
         yield users, inputs["target"], batch.get("seen")
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: SequentialRecommender,
+    model: Recommender,
     loader: DataLoader,
     config: EvalConfig,
     device: torch.device,
     autocast: torch.autocast | None = None,
+    use_cache: bool | None = None,
 ) -> dict[str, float]:
+    """Metrics of `model` on the loader's users; `use_cache` overrides an expert model's default path."""
     was_training = model.training
     model.eval()
     try:
-        return evaluate_ranking(
-            _user_batches(model, loader, device, autocast), model.item_embeddings(), config
-        )
+        batches = _user_batches(model, loader, device, autocast, use_cache)
+        return evaluate_ranking(batches, model.item_embeddings(), config)
     finally:
         model.train(was_training)
 

@@ -30,8 +30,9 @@ class SequentialRecommender(nn.Module):
         """Training outputs; `forward` so that DistributedDataParallel hooks the gradient sync onto it."""
         return self.training_outputs(batch)
 
-    def user_embeddings(self, batch: dict[str, Tensor]) -> Tensor:
-        """[B, D]: the hidden state of the most recent item (windows are left-padded)."""
+    def user_embeddings(self, batch: dict[str, Tensor], use_cache: bool | None = None) -> Tensor:
+        """[B, D]: the hidden state of the most recent item (windows are left-padded). `use_cache` is
+        accepted for interface parity with expert models; a plain backbone has no cache."""
         return self.backbone(batch["input_ids"], batch.get("timestamps"))[:, -1]
 
     def embed_items(self, item_ids: Tensor) -> Tensor:

@@ -179,3 +179,25 @@ def test_two_processes_hold_identical_weights_after_a_step(tiny_dataset, tmp_pat
     # each rank evaluated half of the users; the reduced metrics are identical and cover everyone
     m0, m1 = (json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1))
     assert m0 == m1 and m0["count"] == 48
+
+
+def test_evaluate_compares_cache_and_studies_staleness(tiny_dataset, tmp_path, capsys):
+    overrides = tiny_overrides(
+        tiny_dataset,
+        tmp_path,
+        model="PersonalizedSASRec",
+        number_of_user_tokens=2,
+        pretrain_item_num=10,
+        recent_item_num=6,
+    )
+    _train(overrides)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--compare_cache", "true", "--stale_experts", "0,4"]) == 0
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:-1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| test") or line.startswith("| valid")
+    }
+    assert rows["test (expert cache)"] == rows["test (full masked pass)"]
+    assert rows["test (experts 0 interactions stale)"] == rows["test (expert cache)"]
+    assert "test (experts 4 interactions stale)" in rows
