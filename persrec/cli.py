@@ -57,6 +57,9 @@ def _run_training(config: Config) -> int:
     ctx = setup_distributed(config.device)
     try:
         trainer = Trainer(config, ctx)
+        if config.val_only:  # the original scripts' flag: score the (resumed or fresh) model, train nothing
+            trainer.print_validation()
+            return 0
         result = trainer.fit()
         trainer.print_report(result)
     finally:

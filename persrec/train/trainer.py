@@ -352,6 +352,15 @@ class Trainer:
             self.logger.close()
         return RunResult(self.run_dir, best_path.parent, valid, test, baseline, self.state.best_epoch)
 
+    def print_validation(self) -> None:
+        valid = self.evaluate("valid")
+        if self.ctx.is_main:
+            print(
+                format_metrics_table(
+                    {"valid": valid}, filter_seen=self.config.filter_seen, ties=self.eval_config.ties
+                )
+            )
+
     def print_report(self, result: RunResult) -> None:
         if not self.ctx.is_main:
             return
