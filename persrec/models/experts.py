@@ -18,6 +18,7 @@ three share one routine (`_run_slots`) with the full forward pass, so they compu
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -184,25 +185,56 @@ class ExpertSequenceModel(nn.Module):
         self.experts = ExpertTokens(layout.num_tokens, backbone.dim, num_users)
         for name, table in layout.slot_tables.items():
             self.register_buffer(f"_{name}", table, persistent=False)
+        # Host-side copies for span arithmetic: reading device buffers per request would synchronise.
+        self._item_slot_list: list[int] = layout.slot_tables["item_slots"].tolist()
+        self._expert_slot_list: list[int] = layout.slot_tables["expert_slots"].tolist()
+        # Window position of the item whose timestamp each expert token carries (its segment's last item).
+        self._expert_source = [offset - 1 for offset, count in layout.insertions for _ in range(count)]
 
     # ---- shared pieces -------------------------------------------------------------------------------------
-    def _inserted(self, item_ids: Tensor, timestamps: Tensor | None, users: Tensor | None):
-        """Items [B, W] -> inputs [B, T, D], validity [B, T], timestamps [B, T] of the inserted sequence."""
-        batch = item_ids.shape[0]
-        dim = self.backbone.dim
+    def _span_counts(self, start: int, stop: int) -> tuple[int, int, int, int]:
+        """Item index range [i0, i1) and expert index range [e0, e1) of the slots in [start, stop)."""
+        items, experts = self._item_slot_list, self._expert_slot_list
+        return (
+            bisect_left(items, start),
+            bisect_left(items, stop),
+            bisect_left(experts, start),
+            bisect_left(experts, stop),
+        )
+
+    def _span_inputs(
+        self, item_ids: Tensor, timestamps: Tensor | None, users: Tensor | None, start: int, stop: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Inputs [B, S, D], validity [B, S] and timestamps [B, S] of slots [start, stop) of the inserted sequence.
+
+        item_ids / timestamps: [B, n], exactly the items whose slots fall in the span, in order. Only the span
+        is built: a request runs a few hundred recent slots of a window of thousands, and embedding the whole
+        window to slice it would cost about as much as running the slots.
+        """
+        i0, i1, e0, e1 = self._span_counts(start, stop)
+        if item_ids.shape[1] != i1 - i0:
+            raise ValueError(f"slots [{start}, {stop}) hold {i1 - i0} items, got {item_ids.shape[1]}")
         item_inputs = self.backbone.input_embeddings(item_ids)
-        inputs = item_inputs.new_empty(batch, self.layout.length, dim)
-        inputs[:, self._item_slots] = item_inputs
-        inputs[:, self._expert_slots] = self.experts(batch, users).to(item_inputs.dtype)
-        valid = torch.ones(batch, self.layout.length, dtype=torch.bool, device=item_ids.device)
-        valid[:, self._item_slots] = item_ids > 0
+        if e0 == e1:
+            # Items only (the recent window): no scatter, the items are the span.
+            return item_inputs, item_ids > 0, timestamps
+        batch, length = item_ids.shape[0], stop - start
+        item_rel = self._item_slots[i0:i1] - start
+        expert_rel = self._expert_slots[e0:e1] - start
+        inputs = item_inputs.new_empty(batch, length, self.backbone.dim)
+        inputs[:, item_rel] = item_inputs
+        inputs[:, expert_rel] = self.experts(batch, users)[:, e0:e1].to(item_inputs.dtype)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=item_ids.device)
+        valid[:, item_rel] = item_ids > 0
         times = None
         if timestamps is not None:
-            times = timestamps.new_zeros(batch, self.layout.length)
-            times[:, self._item_slots] = timestamps
+            sources = [self._expert_source[e] - i0 for e in range(e0, e1)]
+            if sources[0] < 0:
+                raise ValueError(f"slots [{start}, {stop}) hold experts of a segment that starts before them")
+            times = timestamps.new_zeros(batch, length)
+            times[:, item_rel] = timestamps
             # An expert group carries the time of the last item of the segment it summarises.
-            last_item = torch.cat([timestamps.new_tensor([o - 1] * c) for o, c in self.layout.insertions])
-            times[:, self._expert_slots] = timestamps[:, last_item]
+            times[:, expert_rel] = timestamps[:, sources]
         return inputs, valid, times
 
     def _run_slots(
@@ -229,7 +261,7 @@ class ExpertSequenceModel(nn.Module):
         self, item_ids: Tensor, timestamps: Tensor | None = None, users: Tensor | None = None
     ) -> Tensor:
         """The full masked forward: hidden states at the item slots, [B, W] -> [B, W, D]."""
-        inputs, valid, times = self._inserted(item_ids, timestamps, users)
+        inputs, valid, times = self._span_inputs(item_ids, timestamps, users, 0, self.layout.length)
         hidden, _ = self._run_slots(inputs, valid, times, 0, self.layout.length, None, False)
         return hidden[:, self._item_slots]
 
@@ -296,48 +328,27 @@ class ExpertSequenceModel(nn.Module):
         last: int,
     ) -> KVCache:
         """Run segments [first, last) (items + their experts) after `cache` and return the grown cache."""
-        start_slot = self.layout.segment_bounds(first)[0]
-        stop_slot = self.layout.segment_bounds(last - 1)[1]
-        first_item = self.layout.insertions[first - 1][0] if first else 0
-        window = self._pad_to_window(item_ids, first_item)
-        window_times = None if timestamps is None else self._pad_to_window(timestamps, first_item)
-        inputs, valid, times = self._inserted(window, window_times, users)
-        span = slice(start_slot, stop_slot)
-        _, new = self._run_slots(
-            inputs[:, span],
-            valid[:, span],
-            None if times is None else times[:, span],
-            start_slot,
-            stop_slot,
-            cache,
-            True,
-        )
-        experts = torch.nonzero(self._is_expert[span]).flatten()
-        new = new.select(experts)
+        start = self.layout.segment_bounds(first)[0]
+        stop = self.layout.segment_bounds(last - 1)[1]
+        inputs, valid, times = self._span_inputs(item_ids, timestamps, users, start, stop)
+        _, new = self._run_slots(inputs, valid, times, start, stop, cache, True)
+        _, _, e0, e1 = self._span_counts(start, stop)
+        new = new.select(self._expert_slots[e0:e1] - start)
         return new if cache is None else KVCache.concat([cache, new])
 
-    def _pad_to_window(self, values: Tensor, first_item: int) -> Tensor:
-        """Place items that start at window position `first_item` into a zero window [B, W]."""
-        window = values.new_zeros(values.shape[0], self.layout.window)
-        window[:, first_item : first_item + values.shape[1]] = values
-        return window
-
     def predict_hidden(self, cache: KVCache, recent_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
-        """Hidden states of the recent window run against the expert cache: [B, R] -> [B, R, D]."""
+        """Hidden states of the recent window run against the expert cache: [B, R'] -> [B, R', D].
+
+        recent_ids are the last R' <= R items of the window (left-padded with 0 where a user has fewer); a
+        shorter window runs only its own slots, which gives the states a padded full-length window would.
+        """
         if self._groups_in(cache) != self._segment_count():
             raise ValueError("predict needs a cache of every historical segment; compress or refresh first")
-        history = self.layout.history_length
-        window = self._pad_to_window(recent_ids, history)
-        window_times = None if timestamps is None else self._pad_to_window(timestamps, history)
-        inputs, valid, times = self._inserted(window, window_times, None)
-        start = self.layout.length - recent_ids.shape[1]
-        hidden, _ = self._run_slots(
-            inputs[:, start:],
-            valid[:, start:],
-            None if times is None else times[:, start:],
-            start,
-            self.layout.length,
-            cache,
-            False,
-        )
+        recent = recent_ids.shape[1]
+        limit = self.layout.window - self.layout.history_length
+        if not 0 < recent <= limit:
+            raise ValueError(f"the recent window holds 1 to {limit} items, got {recent}")
+        start = self.layout.length - recent
+        inputs, valid, times = self._span_inputs(recent_ids, timestamps, None, start, self.layout.length)
+        hidden, _ = self._run_slots(inputs, valid, times, start, self.layout.length, cache, False)
         return hidden
