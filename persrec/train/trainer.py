@@ -160,6 +160,11 @@ class Trainer:
             self._restore(resume_from)
         if self.run_dir is None:
             self.run_dir = default_run_dir(config)
+            if ckpt.latest_checkpoint(self.run_dir) is not None:
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run; pass --resume true to continue it, "
+                    "or choose another --run_name"
+                )
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.save_config(config, self.run_dir / "config.yaml")

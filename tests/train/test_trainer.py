@@ -201,3 +201,10 @@ def test_evaluate_compares_cache_and_studies_staleness(tiny_dataset, tmp_path, c
     assert rows["test (expert cache)"] == rows["test (full masked pass)"]
     assert rows["test (experts 0 interactions stale)"] == rows["test (expert cache)"]
     assert "test (experts 4 interactions stale)" in rows
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tiny_dataset, tmp_path):
+    overrides = tiny_overrides(tiny_dataset, tmp_path, epochs=1, popularity_baseline="false")
+    _train(overrides)
+    with pytest.raises(ConfigError, match="--resume true"):
+        _train(overrides)
