@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import persrec.data.prepare as prepare_mod
+import persrec.data.writers as writers_mod
 from persrec.data.prepare import PrepareOptions, prepare_dataset, resolve_parquet_files
 from persrec.data.schema import DataValidationError, InputSchema
 
@@ -285,7 +285,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(prepare_mod, "_stream_histories", boom)
+    monkeypatch.setattr(writers_mod, "_stream_histories", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -294,7 +294,7 @@ def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_failure_during_overwrite_keeps_old_dataset(tmp_path, monkeypatch):
     src = write_rows(tmp_path / "in.parquet", ROWS)
     run(src, tmp_path / "out")
-    monkeypatch.setattr(prepare_mod, "_write_item_table", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(writers_mod, "write_item_table", lambda *a, **k: 1 / 0)
     items_file = tmp_path / "items.parquet"
     pq.write_table(pa.table({"item_id": [5], "title": ["x"]}), items_file)
     with pytest.raises(ZeroDivisionError):
