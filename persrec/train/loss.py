@@ -27,8 +27,12 @@ MAX_TEMPERATURE = 1.0
 class NCEConfig:
     """Negatives, temperature and collision handling of `SampledSoftmaxLoss`."""
 
-    # Uniformly sampled item ids in [1, num_items], one set shared by all positions of the batch.
+    # Uniformly sampled item ids in [1, num_items] per sequence (see `negatives_per_sequence`).
     num_negatives: int = 128
+    # Draw `num_negatives` ids for every sequence of the batch (shared by that sequence's positions) instead of
+    # one set for the whole batch. With one set, thousands of positions push the same few items down at every
+    # step, which on real data (MovieLens-1M) stalls training at chance level; per sequence it learns.
+    negatives_per_sequence: bool = True
     # Also use the batch's (distinct) target items as negatives.
     in_batch_negatives: bool = False
     # all_gather the negatives' embeddings over torch.distributed ranks (no-op unless world size > 1).
@@ -150,10 +154,12 @@ class SampledSoftmaxLoss(nn.Module):
         low, high = math.log(1.0 / MAX_TEMPERATURE), math.log(1.0 / MIN_TEMPERATURE)
         return self.log_inv_temperature.clamp(low, high).exp()
 
-    def sample_negative_ids(self, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """[M] uniform ids in [1, num_items] (0 is padding). Drawn on `generator`'s device when it has one,
-        so a CPU generator stays usable (and reproducible) with a CUDA model."""
-        size = (self.config.num_negatives,)
+    def sample_negative_ids(
+        self, device: torch.device, generator: torch.Generator | None = None, rows: int | None = None
+    ) -> Tensor:
+        """[M] (or [rows, M]) uniform ids in [1, num_items] (0 is padding). Drawn on `generator`'s device when
+        it has one, so a CPU generator stays usable (and reproducible) with a CUDA model."""
+        size = (self.config.num_negatives,) if rows is None else (rows, self.config.num_negatives)
         if generator is None:
             return torch.randint(1, self.num_items + 1, size, device=device)
         ids = torch.randint(1, self.num_items + 1, size, device=generator.device, generator=generator)
@@ -165,6 +171,7 @@ class SampledSoftmaxLoss(nn.Module):
         target_ids: Tensor,
         item_embedding: Callable[[Tensor], Tensor],
         generator: torch.Generator | None = None,
+        sequence_length: int | None = None,
     ) -> LossOutput:
         """query: [N, D] hidden states; target_ids: [N] int64 positive ids; item_embedding: ids [...] -> [..., D].
 
@@ -179,12 +186,29 @@ class SampledSoftmaxLoss(nn.Module):
         valid = target_ids > 0  # [N]
         num_valid = valid.sum()
         denominator = num_valid.clamp(min=1)
-        sampled_ids = self.sample_negative_ids(device, generator) if cfg.num_negatives else None
+        per_sequence = cfg.negatives_per_sequence and sequence_length is not None and cfg.num_negatives > 0
+        rows = n // sequence_length if per_sequence else 1
+        if per_sequence and rows * sequence_length != n:
+            raise ValueError(f"{n} positions are not whole sequences of length {sequence_length}")
+        sampled_ids = None
+        if cfg.num_negatives:
+            sampled_ids = (
+                self.sample_negative_ids(device, generator, rows).flatten()
+                if per_sequence
+                else self.sample_negative_ids(device, generator)
+            )
 
         # One lookup for positives and sampled negatives.
         lookup_ids = target_ids if sampled_ids is None else torch.cat([target_ids, sampled_ids])
         embeddings = F.normalize(item_embedding(lookup_ids).float(), dim=-1)
         positives = embeddings[:n]  # [N, D]
+        row_ids = row_emb = None
+        if per_sequence:
+            row_ids, row_emb = sampled_ids.view(rows, -1), embeddings[n:].view(rows, cfg.num_negatives, -1)
+            sampled_ids, embeddings = None, embeddings[:n]
+            if not cfg.in_batch_negatives:
+                sampled_ids = row_ids.new_empty(0)  # no shared columns
+                embeddings = torch.cat([embeddings, row_emb.new_empty(0, row_emb.shape[-1])])
 
         neg_ids, neg_emb, in_batch = self._negatives(target_ids, sampled_ids, embeddings)
         keep = torch.ones_like(neg_ids, dtype=torch.bool)
@@ -206,6 +230,21 @@ class SampledSoftmaxLoss(nn.Module):
                 with torch.no_grad():
                     masked = masked | (positives @ neg_emb.T > cfg.collision_cosine_threshold)
             neg_logits = neg_logits.masked_fill(masked, -math.inf)
+            if row_ids is not None:
+                # [B, L, D] x [B, D, M]: each sequence against its own negatives.
+                row_logits = (
+                    torch.bmm(queries.view(rows, -1, queries.shape[-1]), row_emb.transpose(1, 2)) * scale
+                )
+                row_masked = (row_ids[:, None, :] == target_ids.view(rows, -1, 1)) & cfg.remove_collisions
+                if cfg.collision_cosine_threshold is not None:
+                    with torch.no_grad():
+                        near = torch.bmm(
+                            positives.view(rows, -1, positives.shape[-1]), row_emb.transpose(1, 2)
+                        )
+                        row_masked = row_masked | (near > cfg.collision_cosine_threshold)
+                row_logits = row_logits.masked_fill(row_masked, -math.inf).view(n, -1)
+                neg_logits = torch.cat([row_logits, neg_logits], dim=1)
+                masked = torch.cat([row_masked.view(n, -1), masked], dim=1)
 
             logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)  # [N, 1 + C]
             per_position = torch.logsumexp(logits, dim=1) - pos_logits

@@ -217,7 +217,13 @@ class Trainer:
         network = self.ddp or self.model
         with self.autocast or contextlib.nullcontext():
             queries, targets = network(batch)
-            output = self.loss(queries, targets, self.model.embed_items, generator=self.negatives)
+            output = self.loss(
+                queries,
+                targets,
+                self.model.embed_items,
+                generator=self.negatives,
+                sequence_length=batch["input_ids"].shape[1],
+            )
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         if self.config.optim_args.max_grad_norm > 0:

@@ -286,3 +286,39 @@ def test_gather_across_ranks_matches_single_process(tmp_path):
         torch.testing.assert_close(result["loss"], ref_loss.detach())
         torch.testing.assert_close(result["weight_grad"], table.weight.grad)
         torch.testing.assert_close(result["query_grad"], query.grad[start : start + n])
+
+
+def test_negatives_per_sequence_match_a_manual_computation():
+    torch.manual_seed(0)
+    num_items, rows, length, dim, m = 30, 3, 4, 8, 5
+    table = torch.randn(num_items + 1, dim)
+    query = torch.randn(rows * length, dim)
+    targets = torch.randint(1, num_items + 1, (rows * length,))
+    targets[0] = 0  # a padding position
+    loss_fn = SampledSoftmaxLoss(NCEConfig(num_negatives=m, temperature=0.1), num_items)
+    out = loss_fn(
+        query, targets, lambda ids: table[ids], torch.Generator().manual_seed(7), sequence_length=length
+    )
+    negatives = torch.randint(1, num_items + 1, (rows, m), generator=torch.Generator().manual_seed(7))
+    q = torch.nn.functional.normalize(query, dim=-1)
+    e = torch.nn.functional.normalize(table, dim=-1)
+    total, count = 0.0, 0
+    for position in range(rows * length):
+        if targets[position] == 0:
+            continue
+        negs = [n for n in negatives[position // length].tolist() if n != targets[position]]
+        logits = torch.stack([q[position] @ e[targets[position]]] + [q[position] @ e[n] for n in negs]) / 0.1
+        total += torch.logsumexp(logits, 0) - logits[0]
+        count += 1
+    torch.testing.assert_close(out.loss, total / count)
+
+
+def test_sequence_length_must_divide_the_positions():
+    loss_fn = SampledSoftmaxLoss(NCEConfig(num_negatives=3), 10)
+    with pytest.raises(ValueError, match="whole sequences"):
+        loss_fn(
+            torch.randn(7, 4),
+            torch.ones(7, dtype=torch.long),
+            lambda ids: torch.randn(*ids.shape, 4),
+            sequence_length=3,
+        )
