@@ -1,0 +1,71 @@
+"""The ML-1M reproduction script's skip/resume decisions, result collection and table, without training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import reproduce_ml1m as bench
+
+
+def _finished_run(run_dir: Path, epochs_done: int = 12) -> None:
+    metrics = {
+        "recall@10": 0.30,
+        "ndcg@10": 0.17,
+        "recall@50": 0.56,
+        "ndcg@50": 0.23,
+        "recall@200": 0.76,
+        "ndcg@200": 0.26,
+    }
+    results = {"best_epoch": 7, "valid": metrics, "test": metrics, "test (popularity baseline)": metrics}
+    checkpoint = run_dir / "checkpoints" / "step-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": epochs_done}))
+    (run_dir / "checkpoints" / "latest").write_text("step-10")
+    (run_dir / "config.yaml").write_text("epochs: 30\n")
+    (run_dir / "results.json").write_text(json.dumps(results))
+    bench.add_wall_seconds(run_dir, 120.0)
+
+
+def test_collect_and_table(tmp_path: Path) -> None:
+    _finished_run(tmp_path / "hstu")
+    row = bench.collect(bench.BENCHMARKS["hstu"], tmp_path / "hstu")
+    assert row is not None
+    assert row["hr@10"] == 0.30 and row["published hr@10"] == 0.3097
+    assert (row["best epoch"], row["epochs trained"], row["max epochs"]) == (7, 12, 30)
+    assert row["wall seconds"] == 120.0
+    table = bench.markdown([row], "python benchmarks/reproduce_ml1m.py", ["a note"])
+    assert "| hstu (ours) | 0.3000 (-3.1%) |" in table
+    assert "| hstu (paper) | 0.3097 | 0.1720 |" in table
+    assert "7 / 12 / 30 | 2 min |" in table
+    assert "- a note" in table
+
+
+def test_finished_runs_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _finished_run(tmp_path / "runs" / "sasrec")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(bench.subprocess, "call", lambda command, **_: calls.append(command) or 0)
+    args, extra = bench.parse_args(["--output", str(tmp_path), "--models", "sasrec"])
+    bench.train(bench.BENCHMARKS["sasrec"], "sasrec", tmp_path / "runs", tmp_path / "logs", args, extra)
+    assert calls == []
+
+
+def test_unfinished_runs_resume_with_thread_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "runs" / "hstu"
+    _finished_run(run_dir)
+    (run_dir / "results.json").unlink()
+    seen: dict[str, object] = {}
+
+    def fake_call(command: list[str], env: dict[str, str], **_: object) -> int:
+        seen.update(command=command, threads=env["OMP_NUM_THREADS"])
+        return 0
+
+    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    args, extra = bench.parse_args(["--output", str(tmp_path), "--threads", "2", "--", "--seed", "3"])
+    bench.train(bench.BENCHMARKS["hstu"], "hstu", tmp_path / "runs", tmp_path / "logs", args, extra)
+    command = seen["command"]
+    assert isinstance(command, list) and command[-2:] == ["--resume", "true"]
+    assert "--seed" in command and seen["threads"] == "2"
+    assert bench.recorded_wall_seconds(run_dir) is not None
