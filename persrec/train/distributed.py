@@ -62,4 +62,7 @@ def setup_distributed(device_name: str = "auto") -> DistributedContext:
 
 def teardown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank must be done with its collectives first: a rank tearing gloo down while another still
+        # talks to it aborts the other process.
+        dist.barrier()
         dist.destroy_process_group()
