@@ -100,6 +100,8 @@ class Config:
     # Only "nce" (sampled softmax on cosine similarity) is implemented.
     loss: str = "nce"
     num_negatives: int = 128
+    # Draw num_negatives for every sequence of the batch (true) or one set for the whole batch (false).
+    negatives_per_sequence: bool = True
     in_batch_negatives: bool = False
     # Gather negatives across torch.distributed ranks.
     gather_negatives: bool = False

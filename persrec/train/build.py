@@ -70,6 +70,7 @@ def nce_config(config: Config) -> NCEConfig:
         raise ConfigError(f"loss={config.loss!r} is not supported; the only loss is 'nce' (sampled softmax)")
     return NCEConfig(
         num_negatives=config.num_negatives,
+        negatives_per_sequence=config.negatives_per_sequence,
         in_batch_negatives=config.in_batch_negatives,
         gather_across_ranks=config.gather_negatives,
         temperature=config.temperature,
