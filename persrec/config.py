@@ -101,7 +101,7 @@ class Config:
     loss: str = "nce"
     num_negatives: int = 128
     # Draw num_negatives for every sequence of the batch (true) or one set for the whole batch (false).
-    negatives_per_sequence: bool = True
+    negatives_per_sequence: bool = False
     in_batch_negatives: bool = False
     # Gather negatives across torch.distributed ranks.
     gather_negatives: bool = False

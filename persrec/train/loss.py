@@ -30,9 +30,9 @@ class NCEConfig:
     # Uniformly sampled item ids in [1, num_items] per sequence (see `negatives_per_sequence`).
     num_negatives: int = 128
     # Draw `num_negatives` ids for every sequence of the batch (shared by that sequence's positions) instead of
-    # one set for the whole batch. With one set, thousands of positions push the same few items down at every
-    # step, which on real data (MovieLens-1M) stalls training at chance level; per sequence it learns.
-    negatives_per_sequence: bool = True
+    # one set for the whole batch (needs `sequence_length` in `forward`). Neither choice is yet shown better:
+    # see the README's reproduction notes.
+    negatives_per_sequence: bool = False
     # Also use the batch's (distinct) target items as negatives.
     in_batch_negatives: bool = False
     # all_gather the negatives' embeddings over torch.distributed ranks (no-op unless world size > 1).

@@ -295,7 +295,9 @@ def test_negatives_per_sequence_match_a_manual_computation():
     query = torch.randn(rows * length, dim)
     targets = torch.randint(1, num_items + 1, (rows * length,))
     targets[0] = 0  # a padding position
-    loss_fn = SampledSoftmaxLoss(NCEConfig(num_negatives=m, temperature=0.1), num_items)
+    loss_fn = SampledSoftmaxLoss(
+        NCEConfig(num_negatives=m, temperature=0.1, negatives_per_sequence=True), num_items
+    )
     out = loss_fn(
         query, targets, lambda ids: table[ids], torch.Generator().manual_seed(7), sequence_length=length
     )
@@ -314,7 +316,7 @@ def test_negatives_per_sequence_match_a_manual_computation():
 
 
 def test_sequence_length_must_divide_the_positions():
-    loss_fn = SampledSoftmaxLoss(NCEConfig(num_negatives=3), 10)
+    loss_fn = SampledSoftmaxLoss(NCEConfig(num_negatives=3, negatives_per_sequence=True), 10)
     with pytest.raises(ValueError, match="whole sequences"):
         loss_fn(
             torch.randn(7, 4),
