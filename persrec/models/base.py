@@ -37,7 +37,7 @@ class BackboneConfig:
     time_buckets: int = 128
     # SASRec only: feed-forward width (0 = embedding_dim).
     ffn_dim: int = 0
-    # HSTU only: auto, tiled or reference (see persrec.models.hstu_attention).
+    # HSTU only: auto, native, tiled or reference (see persrec.models.hstu_attention).
     attention_implementation: str = "auto"
 
     def __post_init__(self) -> None:

@@ -1,20 +1,34 @@
 """HSTU pointwise attention: `SiLU(q kᵀ + bias) / n_max`, masked, times v.
 
-Two implementations with identical results: `hstu_attention_reference` is the readable definition; the tiled
-autograd function computes the same thing in cache-sized tiles and recomputes the [L, L] scores in the backward
-pass instead of storing them. HSTU's heads are narrow, so the work is dominated by elementwise passes over the
-score matrix; keeping each tile in cache and never materialising [B, H, L, L] is what makes long sequences
-affordable on a CPU. `hstu_attention` picks one.
+Three implementations with the same results up to float rounding: `hstu_attention_reference` is the readable
+definition; the tiled autograd function computes it from PyTorch ops in cache-sized tiles, recomputing the
+scores in the backward pass instead of storing them, and visits only the key blocks the mask lets a tile see;
+the fused C kernel of `persrec.models.hstu_native` does the same per score in registers. HSTU's heads are
+narrow, so the work is dominated by passes over the score matrix: never materialising [B, H, L, S], skipping
+hidden key blocks and making few passes is what makes long sequences affordable on a CPU. `hstu_attention`
+picks one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Score tile size: measured best around 1 MiB (the per-core L2) on the 2-core EPYC we develop on.
-TILE_BYTES = 1024 * 1024
+from persrec.models import hstu_native
+from persrec.models.mask_cache import MaskCache
+
+# Score tile size. Per-element costs were flat from 1 to 4 MiB on the 2-core EPYC we develop on (1 MiB L2 per
+# core); smaller tiles pay more Python and small-GEMM overhead per element.
+TILE_BYTES = 2 * 1024 * 1024
+# Query rows a tile aims for: with fewer rows the accumulating GEMMs (inner size = rows) get inefficient, so
+# a tile covers fewer batch elements instead.
+TILE_ROWS = 32
+# Key columns are visited and masked in blocks of this many: a block no query of a tile may see is skipped,
+# a block every query of every sequence sees needs no mask.
+KEY_BLOCK = 16
 
 
 def hstu_attention_reference(
@@ -41,69 +55,195 @@ def hstu_attention_reference(
     return weights @ v
 
 
-def _tiles(batch: int, heads: int, length: int, keys: int, itemsize: int) -> list[tuple[int, int, int, int]]:
-    """(batch index, query start, query end, key end) tiles whose [H, rows, S] score block fits in TILE_BYTES.
+@dataclass(frozen=True)
+class _Tile:
+    """Queries [q0, q1) against keys [k0, k1); `strips` = (c0, c1, keep) for the key columns k0 + [c0, c1) that
+    some query may not see, with keep = the mask there as 0/1 of the compute dtype, [B, 1, q1 - q0, c1 - c0]."""
 
-    Masks here are always causal in the last `length` key columns (a query never sees a later token), so keys
-    after the tile's last query are skipped: about half the work of a plain causal sequence.
-    """
-    rows = max(1, min(length, TILE_BYTES // max(1, heads * keys * itemsize)))
-    offset = keys - length
-    return [
-        (b, start, min(start + rows, length), offset + min(start + rows, length))
-        for b in range(batch)
-        for start in range(0, length, rows)
-    ]
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    strips: tuple[tuple[int, int, Tensor], ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one mask is tiled: `group` batch elements per tile, the tiles of one group, the largest tile."""
+
+    group: int
+    tiles: tuple[_Tile, ...]
+    tile_elements: int
+
+
+# Tilings of recent masks (one pass's layers share a mask, so one summary serves them all).
+_plans = MaskCache()
+
+
+def _block_runs(flags: list[bool], first: int, last: int) -> list[tuple[int, int]]:
+    """Maximal runs [j0, j1) of True in flags[first:last + 1]."""
+    runs: list[tuple[int, int]] = []
+    for j in range(first, last + 1):
+        if flags[j]:
+            if runs and runs[-1][1] == j:
+                runs[-1] = (runs[-1][0], j + 1)
+            else:
+                runs.append((j, j + 1))
+    return runs
+
+
+def _build_plan(mask: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
+    batch, length, keys = mask.shape
+    per_row = heads * keys * torch.empty((), dtype=dtype).element_size()
+    rows = TILE_BYTES // (batch * per_row)
+    if rows >= min(length, TILE_ROWS):
+        group, rows = batch, min(length, rows)
+    else:
+        rows = max(1, min(length, TILE_ROWS, TILE_BYTES // per_row))
+        group = max(1, min(batch, TILE_BYTES // (rows * per_row)))
+    block = KEY_BLOCK
+    n_rows, n_cols = -(-length // rows), -(-keys // block)
+    pad = (0, n_cols * block - keys, 0, n_rows * rows - length)
+    # Padding counts as hidden for "some query sees the block" and as visible for "every query sees it", so a
+    # ragged last block is judged by its real entries only.
+    seen = F.pad(mask.any(0), pad, value=False).view(n_rows, rows, n_cols, block).any(3).any(1).tolist()
+    full = F.pad(mask.all(0), pad, value=True).view(n_rows, rows, n_cols, block).all(3).all(1).tolist()
+    tiles = []
+    for t in range(n_rows):
+        visible = [j for j in range(n_cols) if seen[t][j]]
+        if not visible:
+            continue  # no query of the tile sees any key: its outputs and gradients stay zero
+        q0, q1 = t * rows, min(length, (t + 1) * rows)
+        k0, k1 = visible[0] * block, min(keys, (visible[-1] + 1) * block)
+        partial = [not f for f in full[t]]
+        strips = []
+        for j0, j1 in _block_runs(partial, visible[0], visible[-1]):
+            c0, c1 = j0 * block, min(keys, j1 * block)
+            strips.append((c0 - k0, c1 - k0, mask[:, None, q0:q1, c0:c1].to(dtype)))
+        tiles.append(_Tile(q0, q1, k0, k1, tuple(strips)))
+    largest = max(((tile.q1 - tile.q0) * (tile.k1 - tile.k0) for tile in tiles), default=0)
+    return _Plan(group, tuple(tiles), group * heads * largest)
+
+
+def _plan(mask: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
+    """The tiling of `mask` ([B, L, S] bool), shared by every call with the same unmodified mask."""
+    key = (heads, dtype, TILE_BYTES, TILE_ROWS, KEY_BLOCK)
+    return _plans.get(mask, key, lambda: _build_plan(mask, heads, dtype))
+
+
+def _apply_strips(tile_values: Tensor, tile: _Tile, g0: int, g1: int, heads: int) -> None:
+    """Zero the entries the mask hides, in the partially visible column strips only."""
+    shaped = tile_values.view(g1 - g0, heads, tile.q1 - tile.q0, tile.k1 - tile.k0)
+    for c0, c1, keep in tile.strips:
+        shaped[..., c0:c1].mul_(keep[g0:g1])
 
 
 class _TiledHSTUAttention(torch.autograd.Function):
-    """Tiled forward/backward. Products are arranged so the long axis (keys or queries) is the output's
-    inner dimension, e.g. outᵀ = vᵀ · weightsᵀ rather than weights · v: with 8-wide heads that layout runs
-    several times faster in CPU GEMM kernels. Gradients are accumulated transposed and flipped back once."""
+    """Tiled forward/backward over (batch group, query rows) tiles with per-tile key ranges.
+
+    Layouts: batch and heads are flattened into one GEMM batch; products are arranged so the long axis (keys
+    or queries) is the output's inner dimension, e.g. outᵀ = vᵀ · weightsᵀ rather than weights · v: with
+    8-wide heads that layout runs several times faster in CPU GEMM kernels. Score-sized buffers are allocated
+    once per call and reused by every tile (a fresh multi-MiB tensor per tile costs page faults), and the
+    SiLU gradient is one fused pass.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, bias, normaliser):  # noqa: D102
-        k_t, v_t = k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous()
-        out_t = q.new_empty(*v_t.shape[:-1], q.shape[2])  # [B, H, dv, L]
-        keep_all = mask.to(q.dtype)
-        for b, lo, hi, end in _tiles(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.element_size()):
-            scores = torch.matmul(q[b, :, lo:hi], k_t[b, :, :, :end])  # [H, rows, end]
-            if bias is not None:
-                scores += bias[b, lo:hi, :end]
-            weights = F.silu(scores, inplace=True).mul_(keep_all[b, lo:hi, :end])
-            torch.matmul(v_t[b, :, :, :end], weights.transpose(-1, -2), out=out_t[b, :, :, lo:hi])
-        ctx.save_for_backward(q, k_t, v_t, mask, bias)
-        ctx.normaliser = normaliser
-        return out_t.transpose(-1, -2).div_(normaliser)
+        batch, heads, length, dk = q.shape
+        keys, dv = k.shape[2], v.shape[3]
+        plan = _plan(mask, heads, q.dtype)
+        q_rows = q.reshape(batch * heads, length, dk)
+        k_t = k.transpose(-1, -2).reshape(batch * heads, dk, keys)
+        v_t = v.transpose(-1, -2).reshape(batch * heads, dv, keys)
+        out_t = q.new_zeros(batch * heads, dv, length)
+        work = q.new_empty(plan.tile_elements)
+        for g0 in range(0, batch, plan.group):
+            g1 = min(batch, g0 + plan.group)
+            h0, h1 = g0 * heads, g1 * heads
+            for tile in plan.tiles:
+                scores = _scores(q_rows, k_t, bias, work, tile, g0, g1, heads)
+                F.silu(scores, inplace=True)
+                _apply_strips(scores, tile, g0, g1, heads)
+                out_t[h0:h1, :, tile.q0 : tile.q1] = torch.bmm(v_t[h0:h1, :, tile.k0 : tile.k1], scores.mT)
+        ctx.save_for_backward(q_rows, k_t, v_t, bias)
+        ctx.plan, ctx.normaliser, ctx.heads = plan, normaliser, heads
+        return out_t.view(batch, heads, dv, length).transpose(-1, -2).div_(normaliser)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k_t, v_t, mask, bias = ctx.saved_tensors
-        q_t = q.transpose(-1, -2).contiguous()
+        q_rows, k_t, v_t, bias = ctx.saved_tensors
+        plan, heads = ctx.plan, ctx.heads
+        batch = q_rows.shape[0] // heads
+        length, dk, dv, keys = q_rows.shape[1], q_rows.shape[2], v_t.shape[1], k_t.shape[2]
         # The normaliser is folded into grad_out once instead of into every score tile.
-        grad_out = grad_out.div(ctx.normaliser).contiguous()
-        grad_out_t = grad_out.transpose(-1, -2).contiguous()
-        grad_q_t, grad_k_t, grad_v_t = torch.zeros_like(q_t), torch.zeros_like(k_t), torch.zeros_like(v_t)
+        grad_rows = grad_out.div(ctx.normaliser).reshape(batch * heads, length, dv)
+        grad_rows_t = grad_rows.transpose(1, 2).contiguous()
+        q_t = q_rows.transpose(1, 2).contiguous()
+        grad_q_t, grad_k_t, grad_v_t = q_t.new_zeros(q_t.shape), torch.zeros_like(k_t), torch.zeros_like(v_t)
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
-        keep_all = mask.to(q.dtype)
-        for b, lo, hi, end in _tiles(q.shape[0], q.shape[1], q.shape[2], k_t.shape[3], q.element_size()):
-            keep = keep_all[b, lo:hi, :end]
-            scores = torch.matmul(q[b, :, lo:hi], k_t[b, :, :, :end])
-            if bias is not None:
-                scores += bias[b, lo:hi, :end]
-            sig = torch.sigmoid(scores)
-            weights = scores * sig
-            # d silu(s)/ds = sig * (1 + s - silu(s)), built in the score buffer before weights are masked.
-            silu_grad = scores.sub_(weights).add_(1).mul_(sig).mul_(keep)
-            weights.mul_(keep)
-            grad_v_t[b, :, :, :end] += torch.matmul(grad_out_t[b, :, :, lo:hi], weights)
-            grad_scores = torch.matmul(grad_out[b, :, lo:hi], v_t[b, :, :, :end]).mul_(silu_grad)
-            torch.matmul(k_t[b, :, :, :end], grad_scores.transpose(-1, -2), out=grad_q_t[b, :, :, lo:hi])
-            grad_k_t[b, :, :, :end] += torch.matmul(q_t[b, :, :, lo:hi], grad_scores)
-            if grad_bias is not None:
-                grad_bias[b, lo:hi, :end] = grad_scores.sum(0)
-        flip = lambda t: t.transpose(-1, -2)  # noqa: E731
-        return flip(grad_q_t), flip(grad_k_t), flip(grad_v_t), None, grad_bias, None
+        work = q_rows.new_empty(3, plan.tile_elements)
+        narrow = q_rows.new_empty(plan.group * heads * max(dk, dv) * keys)
+        for g0 in range(0, batch, plan.group):
+            g1 = min(batch, g0 + plan.group)
+            h0, h1 = g0 * heads, g1 * heads
+            for tile in plan.tiles:
+                q0, q1, k0, k1 = tile.q0, tile.q1, tile.k0, tile.k1
+                scores = _scores(q_rows, k_t, bias, work[0], tile, g0, g1, heads)
+                grad_scores = torch.bmm(
+                    grad_rows[h0:h1, q0:q1], v_t[h0:h1, :, k0:k1], out=_view(work[1], scores.shape)
+                )
+                weights = torch.ops.aten.silu.out(scores, out=_view(work[2], scores.shape))
+                # d silu(s)/ds times the incoming gradient, in place (one fused pass).
+                torch.ops.aten.silu_backward.grad_input(grad_scores, scores, grad_input=grad_scores)
+                _apply_strips(weights, tile, g0, g1, heads)
+                _apply_strips(grad_scores, tile, g0, g1, heads)
+                grad_v_t[h0:h1, :, k0:k1] += torch.bmm(
+                    grad_rows_t[h0:h1, :, q0:q1], weights, out=_view(narrow, (h1 - h0, dv, k1 - k0))
+                )
+                grad_q_t[h0:h1, :, q0:q1] = torch.bmm(k_t[h0:h1, :, k0:k1], grad_scores.mT)
+                grad_k_t[h0:h1, :, k0:k1] += torch.bmm(
+                    q_t[h0:h1, :, q0:q1], grad_scores, out=_view(narrow, (h1 - h0, dk, k1 - k0))
+                )
+                if grad_bias is not None:
+                    per_head = grad_scores.view(g1 - g0, heads, q1 - q0, k1 - k0)
+                    grad_bias[g0:g1, q0:q1, k0:k1] += per_head.sum(1)
+
+        def unflatten(t: Tensor) -> Tensor:
+            return t.view(batch, heads, t.shape[1], t.shape[2]).transpose(-1, -2)
+
+        return unflatten(grad_q_t), unflatten(grad_k_t), unflatten(grad_v_t), None, grad_bias, None
+
+
+def _view(buffer: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """A contiguous view of the first elements of a flat work buffer."""
+    count = 1
+    for size in shape:
+        count *= size
+    return buffer[:count].view(shape)
+
+
+def _scores(
+    q_rows: Tensor,
+    k_t: Tensor,
+    bias: Tensor | None,
+    buffer: Tensor,
+    tile: _Tile,
+    g0: int,
+    g1: int,
+    heads: int,
+) -> Tensor:
+    """Pre-activation scores of one tile for batch elements [g0, g1): [(g1 - g0) * H, rows, keys]."""
+    h0, h1 = g0 * heads, g1 * heads
+    rows, cols = tile.q1 - tile.q0, tile.k1 - tile.k0
+    scores = torch.bmm(
+        q_rows[h0:h1, tile.q0 : tile.q1],
+        k_t[h0:h1, :, tile.k0 : tile.k1],
+        out=_view(buffer, (h1 - h0, rows, cols)),
+    )
+    if bias is not None:
+        scores.view(g1 - g0, heads, rows, cols).add_(bias[g0:g1, None, tile.q0 : tile.q1, tile.k0 : tile.k1])
+    return scores
 
 
 def hstu_attention(
@@ -115,16 +255,32 @@ def hstu_attention(
     normaliser: float,
     implementation: str = "auto",
 ) -> Tensor:
-    """Dispatch between the tiled path (CPU default) and the reference path (CUDA default, or on request).
+    """Dispatch between the fused kernel, the tiled path and the reference path.
 
-    On a GPU the reference path's large batched kernels win; on a CPU the tiled path keeps the work in cache.
+    auto: reference on a GPU (its large batched kernels win there); on a CPU the fused C kernel of
+    `persrec.models.hstu_native` where it applies (float32, narrow heads, AVX2 and a C compiler), else the
+    tiled path, which keeps the work in cache. Both CPU paths read a summary of the mask on the host once per
+    mask object (free on a CPU, a sync on a GPU). `native` insists on the fused kernel.
     """
     if implementation == "auto":
-        implementation = "reference" if q.is_cuda else "tiled"
+        if q.is_cuda:
+            implementation = "reference"
+        else:
+            implementation = "native" if hstu_native.supports(q, k, v, bias) else "tiled"
     if implementation == "reference":
         return hstu_attention_reference(q, k, v, mask, bias, normaliser)
+    if implementation not in ("tiled", "native"):
+        raise ValueError(
+            f"unknown HSTU attention implementation {implementation!r}; expected auto, native, tiled or reference"
+        )
+    shape = (q.shape[0], q.shape[2], k.shape[2])
+    if mask.shape != shape:
+        mask = mask.expand(shape)  # a broadcast mask: both CPU paths index it per batch element
     if implementation == "tiled":
         return _TiledHSTUAttention.apply(q, k, v, mask, bias, normaliser)
-    raise ValueError(
-        f"unknown HSTU attention implementation {implementation!r}; expected auto, reference or tiled"
-    )
+    if not hstu_native.supports(q, k, v, bias):
+        raise ValueError(
+            "attention_implementation='native' needs float32 CPU tensors, head widths of at most "
+            f"{hstu_native.MAX_HEAD_DIM}, an x86-64 CPU with AVX2 and a working C compiler; use auto or tiled"
+        )
+    return hstu_native.native_hstu_attention(q, k, v, mask, bias, normaliser)
