@@ -76,7 +76,7 @@ class Config:
     # HSTU relative attention bias on position and on log-bucketed time gaps.
     relative_position_bias: bool = False
     relative_time_bias: bool = False
-    # HSTU attention kernel: auto (tiled on CPU, batched on CUDA), tiled or reference.
+    # HSTU attention kernel: auto (fused C kernel or tiled on CPU, batched on CUDA), native, tiled or reference.
     attention_implementation: str = "auto"
     # ---- personalized experts (PerSRec) ----
     # k expert tokens; 0 = a plain backbone. PersonalizedHSTU / PersonalizedSASRec need k > 0.

@@ -219,3 +219,24 @@ def test_expert_model_training_gradients_match_the_reference_path():
         grads[implementation] = {name: p.grad.clone() for name, p in model.named_parameters()}
     for name, ref in grads["reference"].items():
         torch.testing.assert_close(grads["native"][name], ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_native
+def test_a_build_without_openmp_splits_the_work_over_python_threads(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSREC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(
+        hstu_native, "_OPENMP", "-fno-such-option"
+    )  # the OpenMP build fails, the plain one works
+    hstu_native._library.cache_clear()
+    threads = torch.get_num_threads()
+    try:
+        assert hstu_native._library(8, 8).openmp is False
+        torch.set_num_threads(2)
+        q, k, v, bias, mask, weight = _inputs(2, 3, 20, 4, 8, 8, True, True, 5, dtype=torch.float32)
+        expected = _run("reference", q, k, v, bias, mask, weight, torch.float64)
+        actual = _run("native", q, k, v, bias, mask, weight, torch.float32)
+        for ref, got in zip(expected, actual, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5 * max(1.0, ref.abs().max().item()))
+    finally:
+        torch.set_num_threads(threads)
+        hstu_native._library.cache_clear()
