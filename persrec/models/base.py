@@ -164,7 +164,7 @@ class SequenceBackbone(nn.Module):
         inputs: [B, L, D] input vectors (items already scaled, expert tokens as they are); mask: [B, L, L] bool
         over the current tokens, or [B, L, C + L] with `mask_includes_cache` (columns: cache first);
         positions: [B, L] int64 position ids; timestamps: [B, L] int64 or None; cache: key/values of C earlier
-        tokens. Returns hidden states [B, L, D] (after the final norm) and, with `return_cache`, the key/values of
+        tokens. Returns hidden states [B, L, D] (after the backbone's output norm, if it has one) and, with `return_cache`, the key/values of
         the current tokens only (not the earlier cache).
         """
         hidden = self.input_dropout(inputs + self.position_embedding(positions))
@@ -190,4 +190,33 @@ class SequenceBackbone(nn.Module):
         cache: KVCache | None,
         return_cache: bool,
     ) -> tuple[Tensor, KVCache | None]:
+        """Run `self.layers` in order, collecting each layer's key/values of the current tokens."""
+        context = self._layer_context(positions, timestamps, cache)
+        keys, values = [], []
+        for index, layer in enumerate(self.layers):
+            past = None if cache is None else (cache.keys[index], cache.values[index])
+            hidden, (k, v) = self._call_layer(layer, hidden, mask, past, context)
+            keys.append(k)
+            values.append(v)
+        hidden = self._output_norm(hidden)
+        if not return_cache:
+            return hidden, None
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        return hidden, KVCache(keys, values, positions, timestamps, valid)
+
+    def _layer_context(self, positions: Tensor, timestamps: Tensor | None, cache: KVCache | None) -> dict:
+        """What every layer of one pass needs besides hidden states and mask (computed once per pass)."""
+        return {}
+
+    def _call_layer(
+        self,
+        layer: nn.Module,
+        hidden: Tensor,
+        mask: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        context: dict,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         raise NotImplementedError
+
+    def _output_norm(self, hidden: Tensor) -> Tensor:
+        return hidden

@@ -110,27 +110,33 @@ class HSTU(SequenceBackbone):
         super().__init__(config)
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_layers))
 
-    def _layers_forward(
-        self,
-        hidden: Tensor,
-        mask: Tensor,
-        positions: Tensor,
-        timestamps: Tensor | None,
-        cache: KVCache | None,
-        return_cache: bool,
-    ) -> tuple[Tensor, KVCache | None]:
+    def _layer_context(self, positions: Tensor, timestamps: Tensor | None, cache: KVCache | None) -> dict:
         key_positions, key_times = positions, timestamps
         if cache is not None:
             key_positions = torch.cat([cache.positions, positions], dim=1)
             if timestamps is not None and cache.timestamps is not None:
                 key_times = torch.cat([cache.timestamps, timestamps], dim=1)
-        keys, values = [], []
-        for index, layer in enumerate(self.layers):
-            past = None if cache is None else (cache.keys[index], cache.values[index])
-            hidden, (k, v) = layer(hidden, mask, positions, key_positions, timestamps, key_times, past)
-            keys.append(k)
-            values.append(v)
-        if not return_cache:
-            return hidden, None
-        valid = torch.ones_like(positions, dtype=torch.bool)
-        return hidden, KVCache(keys, values, positions, timestamps, valid)
+        return {
+            "positions": positions,
+            "key_positions": key_positions,
+            "times": timestamps,
+            "key_times": key_times,
+        }
+
+    def _call_layer(
+        self,
+        layer: nn.Module,
+        hidden: Tensor,
+        mask: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        context: dict,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return layer(
+            hidden,
+            mask,
+            context["positions"],
+            context["key_positions"],
+            context["times"],
+            context["key_times"],
+            past,
+        )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from persrec.models.base import BackboneConfig, KVCache, SequenceBackbone
+from persrec.models.base import BackboneConfig, SequenceBackbone
 from persrec.models.mask_cache import MaskCache
 
 # Query rows per attention call on a CPU. PyTorch's CPU attention kernels visit every key a call is given, so
@@ -95,23 +95,15 @@ class SASRec(SequenceBackbone):
         self.layers = nn.ModuleList(SASRecLayer(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.embedding_dim)
 
-    def _layers_forward(
+    def _call_layer(
         self,
+        layer: nn.Module,
         hidden: Tensor,
         mask: Tensor,
-        positions: Tensor,
-        timestamps: Tensor | None,
-        cache: KVCache | None,
-        return_cache: bool,
-    ) -> tuple[Tensor, KVCache | None]:
-        keys, values = [], []
-        for index, layer in enumerate(self.layers):
-            past = None if cache is None else (cache.keys[index], cache.values[index])
-            hidden, (k, v) = layer(hidden, mask, past)
-            keys.append(k)
-            values.append(v)
-        hidden = self.final_norm(hidden)
-        if not return_cache:
-            return hidden, None
-        valid = torch.ones_like(positions, dtype=torch.bool)
-        return hidden, KVCache(keys, values, positions, timestamps, valid)
+        past: tuple[Tensor, Tensor] | None,
+        context: dict,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return layer(hidden, mask, past)
+
+    def _output_norm(self, hidden: Tensor) -> Tensor:
+        return self.final_norm(hidden)
