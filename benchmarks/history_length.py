@@ -24,9 +24,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from persrec.data.datasets.registry import resolve_dataset
+from persrec.data.datasets.synthetic import SyntheticConfig
+from persrec.data.store import PreparedDataset
 
 DEFAULT_OUTPUT = Path("benchmarks/results/history_length")
 METRICS = ("recall@10", "ndcg@10")
@@ -47,6 +51,8 @@ class DatasetPlan:
     # Seen items stay rankable where repeats are the norm (synthetic); ML-1M ratings never repeat a movie.
     filter_seen: bool
     extra: dict[str, str] = field(default_factory=dict)
+    # Generator settings of a synthetic plan (prepared once, then passed to `persrec train` as a path).
+    synthetic: SyntheticConfig | None = None
 
     @property
     def full(self) -> int:
@@ -113,26 +119,39 @@ MODEL_ARGS = {
 }
 
 
+# Users whose long-term interests are many (8 of 50 clusters) and carry most of the traffic (60 %), while the
+# short-term interest drifts every ~10 items: the last 16 items show only some of the long-term clusters, the
+# last 200 show them all. That is the regime where a long history should pay off.
+LONG_INTEREST_SYNTHETIC = SyntheticConfig(
+    num_users=3000,
+    mean_history=250.0,
+    long_term_interests_per_user=8,
+    long_term_share=0.6,
+    short_term_drift=10.0,
+)
+
+
 def dataset_plans(quick: bool) -> dict[str, DatasetPlan]:
-    """Budgets sized for ~80 minutes of one shared CPU core (``--quick``: about a minute)."""
+    """Budgets sized for ~90 minutes of one shared CPU core (``--quick``: about a minute)."""
     if quick:
-        tiny = DatasetPlan("synthetic", (16, 32), 8, (1, 4), 1, 1, 32, False, {"synthetic_users": "200"})
+        tiny_data = replace(LONG_INTEREST_SYNTHETIC, num_users=200)
+        tiny = DatasetPlan("synthetic", (16, 32), 8, (1, 4), 1, 1, 32, False, synthetic=tiny_data)
         return {"synthetic": tiny, "ml-1m": DatasetPlan("ml-1m", (16, 32), 8, (1, 4), 1, 1, 128, True)}
     return {
         "synthetic": DatasetPlan(
             "synthetic",
-            (25, 50, 100, 200, 400),
-            80,
+            (16, 50, 100, 200),
+            16,
             (1, 4, 16),
-            15,
+            20,
             3,
-            32,
+            64,
             False,
-            {"synthetic_users": "2000"},
+            synthetic=LONG_INTEREST_SYNTHETIC,
         ),
-        # One ML-1M epoch at 400 items costs ~80 s of a shared core, so the full history is capped at 200 (which
-        # covers the whole history of ~3/4 of the users).
-        "ml-1m": DatasetPlan("ml-1m", (50, 100, 200), 40, (1, 4, 16), 8, 3, 64, True),
+        # One ML-1M epoch at 200 items costs ~30 s of a shared core; 200 items cover the whole history of ~3/4
+        # of the users.
+        "ml-1m": DatasetPlan("ml-1m", (50, 100, 200), 40, (1, 4, 16), 15, 3, 128, True),
     }
 
 
@@ -146,11 +165,18 @@ def plan_runs(plan: DatasetPlan) -> list[Run]:
     return claim + curve
 
 
-def train_args(run: Run, plan: DatasetPlan, runs_dir: Path, cache_dir: str | None) -> list[str]:
+def open_dataset(plan: DatasetPlan, cache_dir: str | None) -> PreparedDataset:
+    """The plan's prepared dataset (built and cached on first use)."""
+    cache = Path(cache_dir) if cache_dir else None
+    return resolve_dataset(plan.name, cache_dir=cache, synthetic=plan.synthetic, progress=False)
+
+
+def train_args(run: Run, plan: DatasetPlan, runs_dir: Path, dataset: Path) -> list[str]:
+    """`persrec train` flags of one run; `dataset` is the plan's prepared dataset directory."""
     args = {
         **MODEL_ARGS,
         **plan.extra,
-        "dataset": run.dataset,
+        "dataset": str(dataset),
         "MAX_ITEM_LIST_LENGTH": str(run.history_length),
         "epochs": str(plan.epochs),
         "stopping_step": str(plan.stopping_step),
@@ -169,8 +195,6 @@ def train_args(run: Run, plan: DatasetPlan, runs_dir: Path, cache_dir: str | Non
         }
     else:
         args["model"] = "HSTU"
-    if cache_dir:
-        args["cache_dir"] = cache_dir
     return [token for key, value in args.items() for token in (f"--{key}", value)]
 
 
@@ -187,16 +211,14 @@ def _wall(run_dir: Path) -> float:
     return float(json.loads(path.read_text())["wall_s"]) if path.is_file() else 0.0
 
 
-def execute(
-    run: Run, plan: DatasetPlan, runs_dir: Path, cache_dir: str | None, deadline: float | None
-) -> bool:
+def execute(run: Run, plan: DatasetPlan, runs_dir: Path, dataset: Path, deadline: float | None) -> bool:
     """Train one run to completion (resuming if it was interrupted); False if the deadline cut it."""
     run_dir = runs_dir / run.name
     if (run_dir / "results.json").is_file():
         return True
     if deadline is not None and time.time() >= deadline:
         return False
-    cmd = [str(Path(sys.executable).parent / "persrec"), "train", *train_args(run, plan, runs_dir, cache_dir)]
+    cmd = [str(Path(sys.executable).parent / "persrec"), "train", *train_args(run, plan, runs_dir, dataset)]
     if _has_checkpoint(run_dir):
         cmd += ["--resume", str(run_dir)]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,25 +286,25 @@ def collect(run: Run, runs_dir: Path) -> Record:
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def popularity_baseline(plan: DatasetPlan, cache_dir: str | None) -> dict[str, float]:
+def popularity_baseline(plan: DatasetPlan, store: PreparedDataset) -> dict[str, float]:
     """Test Recall@10 / NDCG@10 of ranking by training-item popularity: the floor any model has to clear."""
     from torch.utils.data import DataLoader
 
-    from persrec.data.datasets.registry import resolve_dataset
-    from persrec.data.datasets.synthetic import SyntheticConfig
     from persrec.data.sequences import EvalSequences, WindowConfig, collate
     from persrec.eval.ranking import EvalConfig
     from persrec.eval.runner import evaluate_popularity_baseline, training_item_frequencies
 
-    users = plan.extra.get("synthetic_users")
-    synthetic = SyntheticConfig(num_users=int(users)) if users else None
-    cache = Path(cache_dir) if cache_dir else None
-    store = resolve_dataset(plan.name, cache_dir=cache, synthetic=synthetic, progress=False)
     examples = EvalSequences(store, "test", WindowConfig(max_length=1), with_seen=plan.filter_seen)
     loader = DataLoader(examples, batch_size=512, collate_fn=collate)
     config = EvalConfig(ks=(10,), filter_seen=plan.filter_seen, ties="pessimistic")
     result = evaluate_popularity_baseline(store, loader, config, training_item_frequencies(store))
     return {metric: float(result[metric]) for metric in METRICS}
+
+
+def _synthetic_summary(config: SyntheticConfig) -> str:
+    """The generator settings that differ from `SyntheticConfig()`'s defaults, as key=value pairs."""
+    default = SyntheticConfig()
+    return ", ".join(f"{k}={v}" for k, v in asdict(config).items() if getattr(default, k) != v)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -439,13 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + 60.0 * args.deadline_minutes if args.deadline_minutes else None
     started = time.time()
     runs = [run for name in args.datasets for run in plan_runs(plans[name])]
+    stores = {name: open_dataset(plans[name], args.cache_dir) for name in args.datasets}
     for run in [] if args.report_only else runs:
-        execute(run, plans[run.dataset], runs_dir, args.cache_dir, deadline)
+        execute(run, plans[run.dataset], runs_dir, stores[run.dataset].path, deadline)
 
     records = [collect(run, runs_dir) for run in runs]
     budgets = "; ".join(
         f"{p.name}: epochs ≤ {p.epochs}, stopping_step {p.stopping_step}, batch {p.train_batch_size}"
-        + (f", synthetic_users {p.extra['synthetic_users']}" if "synthetic_users" in p.extra else "")
+        + (f" (generator: {_synthetic_summary(p.synthetic)})" if p.synthetic else "")
         for p in (plans[name] for name in args.datasets)
     )
     model = ", ".join(
@@ -454,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     # The report shows the command that trains the runs, whichever invocation rendered it.
     shown = [token for token in (sys.argv[1:] if argv is None else argv) if token != "--report_only"]
     command = "python benchmarks/history_length.py " + " ".join(shown)
-    baselines = {name: popularity_baseline(plans[name], args.cache_dir) for name in args.datasets}
+    baselines = {name: popularity_baseline(plans[name], stores[name]) for name in args.datasets}
     write_report(records, args.output, command, f"Model: HSTU, {model}. Budget: {budgets}.", baselines)
     print(markdown_table(records, baselines))
     print(f"wall time of this invocation: {time.time() - started:.0f} s; report in {args.output}")

@@ -72,6 +72,8 @@ class Config:
     # SASRec feed-forward width (0 = item_embedding_size).
     inner_size: int = 0
     hidden_dropout_prob: float = 0.2
+    # Std of the item embedding init (small: items are compared by cosine, see BackboneConfig.item_init_std).
+    initializer_range: float = 0.02
     attn_dropout_prob: float = 0.0
     # HSTU relative attention bias on position and on log-bucketed time gaps.
     relative_position_bias: bool = False
@@ -100,8 +102,9 @@ class Config:
     # Only "nce" (sampled softmax on cosine similarity) is implemented.
     loss: str = "nce"
     num_negatives: int = 128
-    # Draw num_negatives for every sequence of the batch (true) or one set for the whole batch (false).
-    negatives_per_sequence: bool = False
+    # Draw num_negatives for every sequence of the batch (true) or one set for the whole batch (false). One
+    # shared set leaves most items without a push-away gradient for many steps and embeddings collapse.
+    negatives_per_sequence: bool = True
     in_batch_negatives: bool = False
     # Gather negatives across torch.distributed ranks.
     gather_negatives: bool = False

@@ -39,6 +39,10 @@ class BackboneConfig:
     ffn_dim: int = 0
     # HSTU only: auto, native, tiled or reference (see persrec.models.hstu_attention).
     attention_implementation: str = "auto"
+    # Std of the item embedding init. Items are scored by cosine, so Adam's angular step is about lr / norm:
+    # small vectors (0.02, as in RecBole and generative-recommenders) let item directions move quickly. With
+    # std d^-0.5 (norm ~1) SASRec on ML-1M barely leaves the popularity baseline in 4 epochs (README).
+    item_init_std: float = 0.02
 
     def __post_init__(self) -> None:
         if self.embedding_dim % self.num_heads and not (self.qk_dim and self.v_dim):
@@ -128,7 +132,7 @@ class SequenceBackbone(nn.Module):
         self.position_embedding = nn.Embedding(config.max_positions, dim)
         self.input_dropout = nn.Dropout(config.dropout)
         self.embedding_scale = math.sqrt(dim)
-        nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
+        nn.init.normal_(self.item_embedding.weight, std=config.item_init_std)
         nn.init.normal_(self.position_embedding.weight, std=dim**-0.5)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()

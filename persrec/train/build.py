@@ -61,6 +61,7 @@ def backbone_config(config: Config, num_items: int) -> BackboneConfig:
         relative_position_bias=config.relative_position_bias,
         relative_time_bias=config.relative_time_bias,
         ffn_dim=config.inner_size,
+        item_init_std=config.initializer_range,
         attention_implementation=config.attention_implementation,
     )
 

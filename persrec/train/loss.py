@@ -30,9 +30,10 @@ class NCEConfig:
     # Uniformly sampled item ids in [1, num_items] per sequence (see `negatives_per_sequence`).
     num_negatives: int = 128
     # Draw `num_negatives` ids for every sequence of the batch (shared by that sequence's positions) instead of
-    # one set for the whole batch (needs `sequence_length` in `forward`). Neither choice is yet shown better:
-    # see the README's reproduction notes.
-    negatives_per_sequence: bool = False
+    # one set for the whole batch (needs `sequence_length` in `forward`). With one shared set only M items per
+    # step are pushed away from the queries while every target is pulled towards them: on ML-1M the item
+    # embeddings collapse (random negatives reach cosine 0.7 with the queries) and SASRec stays near popularity.
+    negatives_per_sequence: bool = True
     # Also use the batch's (distinct) target items as negatives.
     in_batch_negatives: bool = False
     # all_gather the negatives' embeddings over torch.distributed ranks (no-op unless world size > 1).

@@ -17,6 +17,7 @@ from benchmarks.history_length import (  # noqa: E402
     execute,
     markdown_table,
     plan_runs,
+    train_args,
     write_report,
 )
 
@@ -63,8 +64,23 @@ def test_finished_runs_are_skipped_and_collected(tmp_path: Path) -> None:
         json.dumps({"best_epoch": 1, "filter_seen": False, "valid": metrics, "test": metrics})
     )
     (run_dir / "metrics.csv").write_text("step,epoch,loss\n4,0,1.0\n8,1,0.9\n8,,\n")
-    assert execute(run, plan, tmp_path, cache_dir=None, deadline=0.0)  # no training is started
+    assert execute(run, plan, tmp_path, dataset=tmp_path, deadline=0.0)  # no training is started
     record = collect(run, tmp_path)
     assert (record.status, record.epochs, record.best_epoch, record.ndcg_at_10) == ("done", 2, 1, 0.2)
     assert record.to_json()["ndcg@10"] == 0.2
     assert "0.2000" in markdown_table([record])
+
+
+def test_runs_train_on_the_plans_prepared_dataset(tmp_path: Path) -> None:
+    plan = dataset_plans(quick=True)["synthetic"]
+    assert plan.synthetic is not None and plan.synthetic.long_term_interests_per_user == 8
+    run = Run("synthetic", "persrec", 32, 24, 8, 4)
+    args = train_args(run, plan, tmp_path / "runs", tmp_path / "prepared")
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    assert flags["--dataset"] == str(tmp_path / "prepared")
+    assert (flags["--model"], flags["--pretrain_item_num"], flags["--recent_item_num"]) == (
+        "PersonalizedHSTU",
+        "24",
+        "8",
+    )
+    assert flags["--MAX_ITEM_LIST_LENGTH"] == "32"
