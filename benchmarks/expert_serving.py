@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from persrec.models import sasrec as sasrec_module
 from persrec.models.experts import ExpertLayout, ExpertSequenceModel
 from persrec.models.hstu import HSTULayer
 from persrec.models.sasrec import SASRec
+from persrec.timing import matmul_rate, medians, timed_call
 
 BACKBONES = ("HSTU", "SASRec")
 LENGTHS = (320, 640, 1280, 2560)
@@ -99,39 +99,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
-    """Wall seconds of one call, and the process's CPU seconds (None on CUDA, where they mean nothing)."""
-    _sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    cpu_s = time.process_time() - cpu if device.type == "cpu" else None
-    return time.perf_counter() - wall, cpu_s
-
-
-def _medians(samples: list[tuple[float, float | None]]) -> tuple[float, float | None]:
-    wall = statistics.median(w for w, _ in samples)
-    cpu = None if samples[0][1] is None else statistics.median(c for _, c in samples)
-    return wall, cpu
-
-
 def measure_machine(device: torch.device, threads: int) -> Machine:
     """fp32 matmul peak: the median of a few large square torch.mm calls.
 
     On a CPU the peak is taken on the process's CPU clock: other processes' load then inflates neither the
     roofline nor the CPU-time columns it is compared with (on an idle core both clocks agree).
     """
-    size = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    torch.mm(a, b)
-    wall, cpu = _medians([_seconds(lambda: torch.mm(a, b), device) for _ in range(7)])
-    flops = 2 * size**3
-    return Machine(device, threads, flops / (cpu or wall), flops / wall)
+    wall_rate, cpu_rate = matmul_rate(device, 8192 if device.type == "cuda" else 2048, runs=7)
+    return Machine(device, threads, cpu_rate or wall_rate, wall_rate)
 
 
 def time_paths(
@@ -147,7 +122,7 @@ def time_paths(
     samples: dict[str, list[tuple[float, float | None]]] = {name: [] for name in paths}
     extra: dict[str, int] = {}
     for name, fn in paths.items():
-        first = _seconds(fn, device)
+        first = timed_call(fn, device)
         if first[0] > LONG_RUN_S:
             samples[name].append(first)
         least = 1 if first[0] > VERY_LONG_RUN_S else 2
@@ -158,7 +133,7 @@ def time_paths(
         for name, fn in paths.items():
             # Spread a path's runs evenly over the rounds (Bresenham-style).
             if (index + 1) * extra[name] // rounds > index * extra[name] // rounds:
-                samples[name].append(_seconds(fn, device))
+                samples[name].append(timed_call(fn, device))
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     share = (time.process_time() - cpu) / (time.perf_counter() - wall) / threads
     return samples, share
@@ -302,7 +277,7 @@ def run_row(spec: RowSpec, machine: Machine, repeats: int = 9, budget_s: float =
 
     wall_ms, cpu_ms = {}, {}
     for name, values in samples.items():
-        wall, cpu = _medians(values)
+        wall, cpu = medians(values)
         wall_ms[name], cpu_ms[name] = wall * 1e3, None if cpu is None else cpu * 1e3
     flops = flop_counts(backbone, layout, spec.batch)
     # CPU-clock figures where there are some (immune to other processes' load), wall-clock ones otherwise.

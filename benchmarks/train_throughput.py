@@ -53,6 +53,7 @@ from torch import nn
 
 from persrec.config import Config
 from persrec.models.experts import ExpertLayout
+from persrec.timing import matmul_rate, timed_call
 from persrec.train.build import build_model, nce_config
 from persrec.train.loss import SampledSoftmaxLoss
 from persrec.train.schedule import build_optimizer
@@ -115,24 +116,9 @@ def plain_row(model: str, seq_len: int, **overrides: object) -> RowSpec:
 
 
 # ---- measurement helpers ----------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(device: torch.device, runs: int = 5) -> float:
-    """fp32 FLOP/s of a large square torch.mm (median of `runs`)."""
-    size = PEAK_SIZE
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    torch.mm(a, b)
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    """fp32 FLOP/s of a large square torch.mm (median of `runs`, wall clock)."""
+    return matmul_rate(device, PEAK_SIZE, runs)[0]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -287,11 +273,9 @@ def time_paths(
 
 
 def _timed(trainee: Trainee, device: torch.device) -> tuple[float, float]:
-    _sync(device)
-    start, cpu = time.perf_counter(), time.process_time()
-    trainee.step()
-    _sync(device)
-    return time.perf_counter() - start, time.process_time() - cpu
+    """Wall and process CPU seconds of one training step."""
+    wall, cpu = timed_call(trainee.step, device)
+    return wall, wall if cpu is None else cpu
 
 
 def run_row(
