@@ -111,7 +111,7 @@ MODEL_ARGS = {
     "n_layers": "2",
     "n_heads": "1",
     "item_embedding_size": "50",
-    "optim_args.learning_rate": "1e-3",
+    "optim_args.learning_rate": "1e-3",  # plans may override
     "valid_metric": "ndcg@10",
     "eval_interval": "1",
     "popularity_baseline": "false",
@@ -138,20 +138,26 @@ def dataset_plans(quick: bool) -> dict[str, DatasetPlan]:
         tiny = DatasetPlan("synthetic", (16, 32), 8, (1, 4), 1, 1, 32, False, synthetic=tiny_data)
         return {"synthetic": tiny, "ml-1m": DatasetPlan("ml-1m", (16, 32), 8, (1, 4), 1, 1, 128, True)}
     return {
+        # One window per user and epoch gives few steps per epoch: a higher learning rate gets both data sets
+        # past their early plateau inside the budget (measured: synthetic L=50, validation NDCG@10 after 8
+        # epochs 0.067 at 1e-3, 0.100 at 4e-3).
         "synthetic": DatasetPlan(
             "synthetic",
             (16, 50, 100, 200),
             16,
             (1, 4, 16),
-            20,
-            3,
+            25,
+            5,
             64,
             False,
+            {"optim_args.learning_rate": "4e-3"},
             synthetic=LONG_INTEREST_SYNTHETIC,
         ),
-        # One ML-1M epoch at 200 items costs ~30 s of a shared core; 200 items cover the whole history of ~3/4
+        # One ML-1M epoch at 200 items costs ~35 s of a shared core; 200 items cover the whole history of ~3/4
         # of the users.
-        "ml-1m": DatasetPlan("ml-1m", (50, 100, 200), 40, (1, 4, 16), 15, 3, 128, True),
+        "ml-1m": DatasetPlan(
+            "ml-1m", (50, 100, 200), 40, (1, 4, 16), 15, 5, 128, True, {"optim_args.learning_rate": "2e-3"}
+        ),
     }
 
 
@@ -468,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [collect(run, runs_dir) for run in runs]
     budgets = "; ".join(
         f"{p.name}: epochs ≤ {p.epochs}, stopping_step {p.stopping_step}, batch {p.train_batch_size}"
+        + "".join(f", {key} {value}" for key, value in p.extra.items())
         + (f" (generator: {_synthetic_summary(p.synthetic)})" if p.synthetic else "")
         for p in (plans[name] for name in args.datasets)
     )
