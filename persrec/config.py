@@ -105,6 +105,9 @@ class Config:
     # Draw num_negatives for every sequence of the batch (true) or one set for the whole batch (false). One
     # shared set leaves most items without a push-away gradient for many steps and embeddings collapse.
     negatives_per_sequence: bool = True
+    # Draw num_negatives for every position (the generative-recommenders sampler); overrides the above. Memory
+    # grows as positions x num_negatives x hidden size.
+    negatives_per_position: bool = False
     in_batch_negatives: bool = False
     # Gather negatives across torch.distributed ranks.
     gather_negatives: bool = False

@@ -72,6 +72,7 @@ def nce_config(config: Config) -> NCEConfig:
     return NCEConfig(
         num_negatives=config.num_negatives,
         negatives_per_sequence=config.negatives_per_sequence,
+        negatives_per_position=config.negatives_per_position,
         in_batch_negatives=config.in_batch_negatives,
         gather_across_ranks=config.gather_negatives,
         temperature=config.temperature,

@@ -34,6 +34,10 @@ class NCEConfig:
     # step are pushed away from the queries while every target is pulled towards them: on ML-1M the item
     # embeddings collapse (random negatives reach cosine 0.7 with the queries) and SASRec stays near popularity.
     negatives_per_sequence: bool = True
+    # Draw `num_negatives` ids for every position (the generative-recommenders sampler; takes precedence over
+    # `negatives_per_sequence`). Most negatives per step and the closest to the full softmax, at a memory cost
+    # of N * M * D floats for N positions (padding included, so no host sync is needed to drop it).
+    negatives_per_position: bool = False
     # Also use the batch's (distinct) target items as negatives.
     in_batch_negatives: bool = False
     # all_gather the negatives' embeddings over torch.distributed ranks (no-op unless world size > 1).
@@ -126,6 +130,26 @@ def _first_occurrence(ids: Tensor) -> Tensor:
     return ~torch.empty_like(repeat).scatter_(0, order, repeat)
 
 
+@dataclass
+class _PrivateNegatives:
+    """Sampled negatives private to each group of positions (a sequence, or a single position)."""
+
+    ids: Tensor  # [rows, M]; every group of N / rows consecutive positions shares one row
+    # [rows * M, D] normalised embeddings of `ids`, or with `from_table` the whole table [num_items, D]
+    embeddings: Tensor
+    from_table: bool
+
+    def scores(self, vectors: Tensor) -> Tensor:
+        """[N, D] unit vectors -> [N, M] cosine of each position with its group's negatives."""
+        rows, m = self.ids.shape
+        if self.from_table:  # item i is table row i - 1
+            return (vectors @ self.embeddings.T).gather(
+                1, self.ids.repeat_interleave(len(vectors) // rows, 0) - 1
+            )
+        grouped = vectors.view(rows, -1, vectors.shape[-1])  # [rows, N / rows, D] x [rows, D, M]
+        return torch.bmm(grouped, self.embeddings.view(rows, m, -1).transpose(1, 2)).view(len(vectors), m)
+
+
 class SampledSoftmaxLoss(nn.Module):
     """InfoNCE over cos(query, item) / temperature with the positive in column 0 and shared negatives.
 
@@ -187,29 +211,42 @@ class SampledSoftmaxLoss(nn.Module):
         valid = target_ids > 0  # [N]
         num_valid = valid.sum()
         denominator = num_valid.clamp(min=1)
-        per_sequence = cfg.negatives_per_sequence and sequence_length is not None and cfg.num_negatives > 0
-        rows = n // sequence_length if per_sequence else 1
-        if per_sequence and rows * sequence_length != n:
-            raise ValueError(f"{n} positions are not whole sequences of length {sequence_length}")
+        # Private negatives per group of positions: a group is one position or one sequence.
+        group = 1 if cfg.negatives_per_position else sequence_length
+        per_group = (
+            cfg.num_negatives > 0
+            and group is not None
+            and (cfg.negatives_per_position or cfg.negatives_per_sequence)
+        )
+        rows = n // group if per_group else 1
+        if per_group and rows * group != n:
+            raise ValueError(f"{n} positions are not whole sequences of length {group}")
         sampled_ids = None
         if cfg.num_negatives:
             sampled_ids = (
                 self.sample_negative_ids(device, generator, rows).flatten()
-                if per_sequence
+                if per_group
                 else self.sample_negative_ids(device, generator)
             )
 
-        # One lookup for positives and sampled negatives.
-        lookup_ids = target_ids if sampled_ids is None else torch.cat([target_ids, sampled_ids])
+        # Private negatives are scored against the whole item table instead of gathered per row when that
+        # materialises fewer floats (N x num_items logits vs rows x M x D embeddings): per-position negatives on
+        # a catalogue of a few thousand items, where the gather would dominate the step.
+        from_table = per_group and n * self.num_items < rows * cfg.num_negatives * query.shape[-1]
+        if from_table:
+            table_ids = torch.arange(1, self.num_items + 1, device=device)
+            lookup_ids = torch.cat([target_ids, table_ids])
+        else:  # one lookup for positives and sampled negatives
+            lookup_ids = target_ids if sampled_ids is None else torch.cat([target_ids, sampled_ids])
         embeddings = F.normalize(item_embedding(lookup_ids).float(), dim=-1)
         positives = embeddings[:n]  # [N, D]
-        row_ids = row_emb = None
-        if per_sequence:
-            row_ids, row_emb = sampled_ids.view(rows, -1), embeddings[n:].view(rows, cfg.num_negatives, -1)
+        private = None
+        if per_group:
+            private = _PrivateNegatives(sampled_ids.view(rows, -1), embeddings[n:], from_table)
             sampled_ids, embeddings = None, embeddings[:n]
             if not cfg.in_batch_negatives:
-                sampled_ids = row_ids.new_empty(0)  # no shared columns
-                embeddings = torch.cat([embeddings, row_emb.new_empty(0, row_emb.shape[-1])])
+                sampled_ids = private.ids.new_empty(0)  # no shared columns
+                embeddings = torch.cat([embeddings, embeddings.new_empty(0, embeddings.shape[-1])])
 
         neg_ids, neg_emb, in_batch = self._negatives(target_ids, sampled_ids, embeddings)
         keep = torch.ones_like(neg_ids, dtype=torch.bool)
@@ -231,21 +268,17 @@ class SampledSoftmaxLoss(nn.Module):
                 with torch.no_grad():
                     masked = masked | (positives @ neg_emb.T > cfg.collision_cosine_threshold)
             neg_logits = neg_logits.masked_fill(masked, -math.inf)
-            if row_ids is not None:
-                # [B, L, D] x [B, D, M]: each sequence against its own negatives.
-                row_logits = (
-                    torch.bmm(queries.view(rows, -1, queries.shape[-1]), row_emb.transpose(1, 2)) * scale
+            if private is not None:
+                row_logits = private.scores(queries) * scale  # [N, M]
+                row_masked = (private.ids.repeat_interleave(n // rows, 0) == target_ids.unsqueeze(1)) & (
+                    cfg.remove_collisions
                 )
-                row_masked = (row_ids[:, None, :] == target_ids.view(rows, -1, 1)) & cfg.remove_collisions
                 if cfg.collision_cosine_threshold is not None:
                     with torch.no_grad():
-                        near = torch.bmm(
-                            positives.view(rows, -1, positives.shape[-1]), row_emb.transpose(1, 2)
-                        )
-                        row_masked = row_masked | (near > cfg.collision_cosine_threshold)
-                row_logits = row_logits.masked_fill(row_masked, -math.inf).view(n, -1)
+                        row_masked = row_masked | (private.scores(positives) > cfg.collision_cosine_threshold)
+                row_logits = row_logits.masked_fill(row_masked, -math.inf)
                 neg_logits = torch.cat([row_logits, neg_logits], dim=1)
-                masked = torch.cat([row_masked.view(n, -1), masked], dim=1)
+                masked = torch.cat([row_masked, masked], dim=1)
 
             logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)  # [N, 1 + C]
             per_position = torch.logsumexp(logits, dim=1) - pos_logits

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from persrec.train.loss import MIN_TEMPERATURE, NCEConfig, SampledSoftmaxLoss
+from persrec.train.loss import MIN_TEMPERATURE, NCEConfig, SampledSoftmaxLoss, _PrivateNegatives
 
 # Item table for hand-computed cases: row i is item i (row 0 is padding).
 TABLE = torch.tensor(
@@ -288,31 +288,63 @@ def test_gather_across_ranks_matches_single_process(tmp_path):
         torch.testing.assert_close(result["query_grad"], query.grad[start : start + n])
 
 
-def test_negatives_per_sequence_match_a_manual_computation():
+# With 30 items and 5 negatives, per-position negatives are scored from the whole table at dim 8 (12 * 30 <
+# 12 * 5 * 8 floats) and gathered per position at dim 2.
+@pytest.mark.parametrize(
+    ("per_position", "dim"),
+    [(False, 8), (True, 8), (True, 2)],
+    ids=["sequence", "position-table", "position"],
+)
+def test_private_negatives_match_a_manual_computation(per_position, dim):
     torch.manual_seed(0)
-    num_items, rows, length, dim, m = 30, 3, 4, 8, 5
+    num_items, rows, length, m = 30, 3, 4, 5
     table = torch.randn(num_items + 1, dim)
     query = torch.randn(rows * length, dim)
     targets = torch.randint(1, num_items + 1, (rows * length,))
     targets[0] = 0  # a padding position
-    loss_fn = SampledSoftmaxLoss(
-        NCEConfig(num_negatives=m, temperature=0.1, negatives_per_sequence=True), num_items
+    config = NCEConfig(
+        num_negatives=m, temperature=0.1, negatives_per_sequence=True, negatives_per_position=per_position
     )
+    loss_fn = SampledSoftmaxLoss(config, num_items)
     out = loss_fn(
         query, targets, lambda ids: table[ids], torch.Generator().manual_seed(7), sequence_length=length
     )
-    negatives = torch.randint(1, num_items + 1, (rows, m), generator=torch.Generator().manual_seed(7))
+    groups = rows * length if per_position else rows
+    negatives = torch.randint(1, num_items + 1, (groups, m), generator=torch.Generator().manual_seed(7))
+    group_of = (lambda position: position) if per_position else (lambda position: position // length)
     q = torch.nn.functional.normalize(query, dim=-1)
     e = torch.nn.functional.normalize(table, dim=-1)
     total, count = 0.0, 0
     for position in range(rows * length):
         if targets[position] == 0:
             continue
-        negs = [n for n in negatives[position // length].tolist() if n != targets[position]]
+        negs = [n for n in negatives[group_of(position)].tolist() if n != targets[position]]
         logits = torch.stack([q[position] @ e[targets[position]]] + [q[position] @ e[n] for n in negs]) / 0.1
         total += torch.logsumexp(logits, 0) - logits[0]
         count += 1
     torch.testing.assert_close(out.loss, total / count)
+
+
+def test_private_negative_scores_agree_between_table_and_gathered_layouts():
+    torch.manual_seed(2)
+    table = torch.nn.functional.normalize(torch.randn(9, 3), dim=-1)  # items 1..9
+    ids = torch.randint(1, 10, (6, 4))
+    vectors = torch.nn.functional.normalize(torch.randn(6, 3), dim=-1)
+    from_table = _PrivateNegatives(ids, table, from_table=True).scores(vectors)
+    gathered = _PrivateNegatives(ids, table[ids.flatten() - 1], from_table=False).scores(vectors)
+    torch.testing.assert_close(from_table, gathered)
+    torch.testing.assert_close(gathered[4, 2], vectors[4] @ table[ids[4, 2] - 1])
+
+
+def test_per_position_negatives_need_no_sequence_length():
+    torch.manual_seed(1)
+    table = torch.randn(11, 4)
+    loss_fn = SampledSoftmaxLoss(NCEConfig(num_negatives=3, negatives_per_position=True), 10)
+    out = loss_fn(
+        torch.randn(7, 4), torch.arange(1, 8), lambda ids: table[ids], torch.Generator().manual_seed(0)
+    )
+    assert out.loss.isfinite() and out.loss > 0
+    assert out.num_positions == 7
 
 
 def test_sequence_length_must_divide_the_positions():
