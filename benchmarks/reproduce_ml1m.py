@@ -214,12 +214,12 @@ def protocol_notes(args: argparse.Namespace, extra: list[str]) -> list[str]:
         "Here training targets exclude the validation item, one fewer target per user than theirs.",
         "Seen items: persrec removes the user's whole earlier history from the ranking, theirs removes the "
         "items of the (200-item) input window; identical for users with at most 200 earlier items.",
-        "Negatives: persrec draws 128 uniform ids per sequence, shared by that sequence's positions "
-        "(negatives_per_sequence); theirs (LocalNegativesSampler) draws 128 ids for every position.",
+        "Negatives: 128 uniform ids drawn for every position (negatives_per_position), as their "
+        "LocalNegativesSampler does; no gradient clipping, as theirs.",
         "Data: the 5-core ML-1M copy (3,416 items, 999,611 ratings); theirs keeps all 3,706 items "
         "(0.06% more interactions).",
-        f"CPU only, {args.threads} torch thread(s) per run, models trained one after another; wall time "
-        "includes validation after every epoch.",
+        f"CPU only, {args.threads} torch thread(s) per run; wall time includes validation after every "
+        "epoch and depends on what else shared the machine.",
     ]
     notes += args.note
     if extra:
