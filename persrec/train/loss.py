@@ -36,7 +36,8 @@ class NCEConfig:
     negatives_per_sequence: bool = True
     # Draw `num_negatives` ids for every position (the generative-recommenders sampler; takes precedence over
     # `negatives_per_sequence`). Most negatives per step and the closest to the full softmax, at a memory cost
-    # of N * M * D floats for N positions (padding included, so no host sync is needed to drop it).
+    # of min(N * M * D, N * num_items) floats for N positions (padding included, so no host sync is needed to
+    # drop it); see `SampledSoftmaxLoss.forward` for when the whole item table is scored instead.
     negatives_per_position: bool = False
     # Also use the batch's (distinct) target items as negatives.
     in_batch_negatives: bool = False
@@ -143,11 +144,18 @@ class _PrivateNegatives:
         """[N, D] unit vectors -> [N, M] cosine of each position with its group's negatives."""
         rows, m = self.ids.shape
         if self.from_table:  # item i is table row i - 1
-            return (vectors @ self.embeddings.T).gather(
-                1, self.ids.repeat_interleave(len(vectors) // rows, 0) - 1
+            per_position = (
+                self.ids.repeat_interleave(len(vectors) // rows, 0) if rows < len(vectors) else self.ids
             )
+            return (vectors @ self.embeddings.T).gather(1, per_position - 1)
         grouped = vectors.view(rows, -1, vectors.shape[-1])  # [rows, N / rows, D] x [rows, D, M]
         return torch.bmm(grouped, self.embeddings.view(rows, m, -1).transpose(1, 2)).view(len(vectors), m)
+
+    def equal_to(self, target_ids: Tensor) -> Tensor:
+        """[N] ids -> [N, M] bool, True where a position's negative is its own target (broadcast, no copy of
+        the ids per position)."""
+        rows, m = self.ids.shape
+        return (self.ids[:, None, :] == target_ids.view(rows, -1, 1)).view(len(target_ids), m)
 
 
 class SampledSoftmaxLoss(nn.Module):
@@ -270,9 +278,7 @@ class SampledSoftmaxLoss(nn.Module):
             neg_logits = neg_logits.masked_fill(masked, -math.inf)
             if private is not None:
                 row_logits = private.scores(queries) * scale  # [N, M]
-                row_masked = (private.ids.repeat_interleave(n // rows, 0) == target_ids.unsqueeze(1)) & (
-                    cfg.remove_collisions
-                )
+                row_masked = private.equal_to(target_ids) & cfg.remove_collisions
                 if cfg.collision_cosine_threshold is not None:
                     with torch.no_grad():
                         row_masked = row_masked | (private.scores(positives) > cfg.collision_cosine_threshold)
