@@ -124,6 +124,10 @@ class Config:
     # Stop after this many evaluations without improvement of `valid_metric`.
     stopping_step: int = 10
     valid_metric: str = "ndcg@10"
+    # False: no validation split, as in the generative-recommenders protocol: the second-to-last item is trained
+    # on and epochs are selected on the test item, so the reported test metrics are optimistic (they chose the
+    # epoch). For comparing with numbers published under that protocol only.
+    validation_split: bool = True
     # Evaluate on the validation split every this many epochs.
     eval_interval: int = 1
     seed: int = 42

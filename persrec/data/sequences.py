@@ -71,9 +71,20 @@ def _left_pad(values: np.ndarray, length: int, dtype: np.dtype) -> np.ndarray:
 class TrainSequences(Dataset):
     """One example per user: the window of training items, each position predicting the next item."""
 
-    def __init__(self, store: PreparedDataset, window: WindowConfig, users: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        store: PreparedDataset,
+        window: WindowConfig,
+        users: np.ndarray | None = None,
+        held_out: int = 2,
+    ) -> None:
+        """`held_out` last items of every user are never trained on: 2 (validation and test items), or 1 when
+        there is no validation split and the second-to-last item is a training target."""
+        if held_out not in (1, 2):
+            raise ValueError(f"held_out must be 1 or 2, got {held_out}")
         self.store = store
         self.window = window
+        self.held_out = held_out
         lengths = store.lengths()
         eligible = np.flatnonzero(lengths >= MIN_HISTORY)
         self.users = eligible if users is None else np.intersect1d(users, eligible)
@@ -84,7 +95,7 @@ class TrainSequences(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         user = int(self.users[index])
         start, stop = int(self.store.offsets[user]), int(self.store.offsets[user + 1])
-        end = stop - start - 2  # the validation and test items are never trained on
+        end = stop - start - self.held_out
         items = self.window.select(self.store.items[start:stop], end)
         times = self.window.select(self.store.timestamps[start:stop], end)
         length = self.window.max_length

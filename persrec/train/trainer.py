@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -118,7 +119,7 @@ class Trainer:
         self.window = window_config(config)
         self.model = build_model(config, self.store.num_items, self.store.num_users).to(ctx.device)
         self.loss = SampledSoftmaxLoss(nce_config(config), self.store.num_items).to(ctx.device)
-        self.train_set = TrainSequences(self.store, self.window)
+        self.train_set = TrainSequences(self.store, self.window, held_out=2 if config.validation_split else 1)
         if len(self.train_set) == 0:
             raise ConfigError(
                 f"dataset {config.dataset!r} has no user with at least 3 interactions to train on"
@@ -168,6 +169,12 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.save_config(config, self.run_dir / "config.yaml")
+            if not config.validation_split:
+                print(
+                    "validation_split=false: the second-to-last items are trained on and epochs are selected "
+                    "on the test items, so the test metrics are optimistic",
+                    file=sys.stderr,
+                )
         self.logger = build_logger(config.logger, self.run_dir, ctx.is_main)
 
     # ---- setup helpers -------------------------------------------------------------------------------------
@@ -273,6 +280,9 @@ class Trainer:
         return loss_sum.item() / max(steps, 1)
 
     def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of `split`; without a validation split, "valid" (epoch selection) is the test item."""
+        if split == "valid" and not self.config.validation_split:
+            split = "test"
         loader = eval_loader(
             self.store, split, self.window, self.config.eval_batch_size, self.ctx, self.config.filter_seen
         )
@@ -375,7 +385,8 @@ class Trainer:
     def print_report(self, result: RunResult) -> None:
         if not self.ctx.is_main:
             return
-        results = {"valid": result.valid, "test": result.test}
+        selection = "valid" if self.config.validation_split else "valid (= test: no validation split)"
+        results = {selection: result.valid, "test": result.test}
         if result.baseline is not None:
             results["test (popularity baseline)"] = result.baseline
         print(format_metrics_table(results, filter_seen=self.config.filter_seen, ties=self.eval_config.ties))

@@ -69,3 +69,35 @@ def test_unfinished_runs_resume_with_thread_limits(tmp_path: Path, monkeypatch: 
     assert isinstance(command, list) and command[-2:] == ["--resume", "true"]
     assert "--seed" in command and seen["threads"] == "2"
     assert bench.recorded_wall_seconds(run_dir) is not None
+
+
+def test_their_protocol_trains_without_validation_split_in_its_own_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_call(command: list[str], **_: object) -> int:
+        commands.append(command)
+        _finished_run(
+            Path(command[command.index("--checkpoint_dir") + 1]) / command[command.index("--run_name") + 1]
+        )
+        return 0
+
+    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    argv = [
+        "--output",
+        str(tmp_path),
+        "--models",
+        "sasrec",
+        "--protocols",
+        "persrec",
+        "generative-recommenders",
+    ]
+    assert bench.main(argv) == 0
+    plain, theirs = commands
+    assert "--validation_split" not in plain and plain[plain.index("--run_name") + 1] == "sasrec"
+    assert theirs[theirs.index("--validation_split") + 1] == "false"
+    assert theirs[theirs.index("--run_name") + 1] == "sasrec-gr-protocol"
+    table = (tmp_path / "README.md").read_text()
+    assert "| sasrec (ours) |" in table and "| sasrec (ours, their protocol) |" in table
+    assert table.count("| sasrec (paper) |") == 1 and "selected on the test item" in table

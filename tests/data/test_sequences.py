@@ -36,6 +36,14 @@ def test_train_window_excludes_held_out_items_and_left_pads(store):
     assert example["timestamps"].tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]
 
 
+def test_without_validation_split_the_second_to_last_item_is_trained_on(store):
+    example = TrainSequences(store, WindowConfig(max_length=10), held_out=1)[0]
+    assert _original(store, example["input_ids"].numpy()) == [0, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert _original(store, example["target_ids"].numpy()) == [0, 0, 2, 3, 4, 5, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match="held_out"):
+        TrainSequences(store, WindowConfig(max_length=10), held_out=0)
+
+
 def test_eval_targets_are_second_to_last_and_last(store):
     window = WindowConfig(max_length=4)
     valid, test = EvalSequences(store, "valid", window, with_seen=True), EvalSequences(store, "test", window)

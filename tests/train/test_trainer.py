@@ -45,6 +45,14 @@ def test_training_writes_results_checkpoints_and_learns(tiny_dataset, tmp_path, 
     assert (run / "metrics.csv").read_text().startswith("step,")
 
 
+def test_without_validation_split_epochs_are_selected_on_the_test_item(tiny_dataset, tmp_path, capsys):
+    overrides = tiny_overrides(tiny_dataset, tmp_path, epochs=2, validation_split=False)
+    trainer, result = _train(overrides)
+    assert result.valid == result.test  # the selection metric is the test metric
+    assert trainer.train_set.held_out == 1
+    assert "selected on the test items" in capsys.readouterr().err
+
+
 def test_expert_model_trains_and_evaluates_through_the_cache(tiny_dataset, tmp_path):
     overrides = tiny_overrides(
         tiny_dataset,
