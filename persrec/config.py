@@ -106,7 +106,7 @@ class Config:
     # shared set leaves most items without a push-away gradient for many steps and embeddings collapse.
     negatives_per_sequence: bool = True
     # Draw num_negatives for every position (the generative-recommenders sampler); overrides the above. Memory
-    # grows as positions x num_negatives x hidden size.
+    # grows as positions x min(num_negatives x hidden size, number of items).
     negatives_per_position: bool = False
     in_batch_negatives: bool = False
     # Gather negatives across torch.distributed ranks.
