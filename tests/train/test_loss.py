@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from persrec.train import loss as loss_module
 from persrec.train.loss import MIN_TEMPERATURE, NCEConfig, SampledSoftmaxLoss, _PrivateNegatives
 
 # Item table for hand-computed cases: row i is item i (row 0 is padding).
@@ -288,16 +289,24 @@ def test_gather_across_ranks_matches_single_process(tmp_path):
         torch.testing.assert_close(result["query_grad"], query.grad[start : start + n])
 
 
-# With 30 items and 5 negatives, per-position negatives are scored from the whole table at dim 8 (12 * 30 <
-# 12 * 5 * 8 floats) and gathered per position at dim 2.
+# With 5 negatives, per-position negatives are scored from the whole table for 30 items (at most
+# TABLE_SCORING_RATIO per negative) and gathered per position for 400.
 @pytest.mark.parametrize(
-    ("per_position", "dim"),
-    [(False, 8), (True, 8), (True, 2)],
-    ids=["sequence", "position-table", "position"],
+    ("per_position", "num_items"),
+    [(False, 30), (True, 30), (True, 400)],
+    ids=["sequence", "position-table", "position-gathered"],
 )
-def test_private_negatives_match_a_manual_computation(per_position, dim):
+def test_private_negatives_match_a_manual_computation(per_position, num_items, monkeypatch):
+    layouts = []
+    monkeypatch.setattr(
+        loss_module,
+        "_PrivateNegatives",
+        lambda ids, embeddings, from_table: (
+            layouts.append(from_table) or _PrivateNegatives(ids, embeddings, from_table)
+        ),
+    )
     torch.manual_seed(0)
-    num_items, rows, length, m = 30, 3, 4, 5
+    rows, length, dim, m = 3, 4, 8, 5
     table = torch.randn(num_items + 1, dim)
     query = torch.randn(rows * length, dim)
     targets = torch.randint(1, num_items + 1, (rows * length,))
@@ -323,6 +332,7 @@ def test_private_negatives_match_a_manual_computation(per_position, dim):
         total += torch.logsumexp(logits, 0) - logits[0]
         count += 1
     torch.testing.assert_close(out.loss, total / count)
+    assert layouts == [per_position and num_items == 30]  # the table only pays off for small catalogues
 
 
 def test_private_negative_scores_agree_between_table_and_gathered_layouts():
