@@ -289,14 +289,13 @@ def test_gather_across_ranks_matches_single_process(tmp_path):
         torch.testing.assert_close(result["query_grad"], query.grad[start : start + n])
 
 
-# With 5 negatives, per-position negatives are scored from the whole table for 30 items (at most
-# TABLE_SCORING_RATIO per negative) and gathered per position for 400.
+# 12 positions in 3 sequences, 5 negatives per row: the whole table is scored while 12 * items <= 32 * rows * 5.
 @pytest.mark.parametrize(
-    ("per_position", "num_items"),
-    [(False, 30), (True, 30), (True, 400)],
-    ids=["sequence", "position-table", "position-gathered"],
+    ("per_position", "num_items", "from_table"),
+    [(False, 30, True), (False, 400, False), (True, 30, True), (True, 400, False)],
+    ids=["sequence-table", "sequence-gathered", "position-table", "position-gathered"],
 )
-def test_private_negatives_match_a_manual_computation(per_position, num_items, monkeypatch):
+def test_private_negatives_match_a_manual_computation(per_position, num_items, from_table, monkeypatch):
     layouts = []
     monkeypatch.setattr(
         loss_module,
@@ -332,7 +331,7 @@ def test_private_negatives_match_a_manual_computation(per_position, num_items, m
         total += torch.logsumexp(logits, 0) - logits[0]
         count += 1
     torch.testing.assert_close(out.loss, total / count)
-    assert layouts == [per_position and num_items == 30]  # the table only pays off for small catalogues
+    assert layouts == [from_table]
 
 
 def test_private_negative_scores_agree_between_table_and_gathered_layouts():
