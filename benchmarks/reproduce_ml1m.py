@@ -2,8 +2,10 @@
 
 Each model is trained by a `persrec train` subprocess, so the benchmark exercises the real command, as a named run
 under `--output/runs/<model>`. Re-running the script skips runs that already wrote `results.json` and resumes
-unfinished ones from their last checkpoint, so a killed benchmark loses at most one epoch. The results go to a
-markdown table (ours beside the published numbers) and optionally to JSON records.
+unfinished ones from their last checkpoint, so a killed benchmark loses at most one epoch. Each finished run's
+table row is also kept in `--output/rows/<run>.json`, small enough to commit: runs (checkpoints, logs) are local
+and may be deleted, and a row there is never trained again. The table shows every recorded row of the chosen
+models (ours beside the published numbers), optionally also as JSON records.
 
     python benchmarks/reproduce_ml1m.py --quick                      # a 2-epoch smoke test
     python benchmarks/reproduce_ml1m.py --models sasrec hstu --threads 1
@@ -110,6 +112,35 @@ def add_wall_seconds(run_dir: Path, seconds: float) -> None:
     wall_file(run_dir).write_text(json.dumps({"seconds": total}))
 
 
+def row_path(output: Path, run_name: str) -> Path:
+    return output / "rows" / f"{run_name}.json"
+
+
+def record_row(output: Path, row: dict[str, Any]) -> None:
+    """Keep a finished run's row beside the table (temp file + rename: a reader never sees half a row)."""
+    path = row_path(output, row["run"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(row, indent=1) + "\n")
+    partial.replace(path)
+
+
+def recorded_rows(output: Path, models: list[str]) -> list[dict[str, Any]]:
+    """Every recorded row of `models`: by model, then our protocol before theirs, per-position negatives first."""
+    rows = [json.loads(path.read_text()) for path in sorted((output / "rows").glob("*.json"))]
+    rows = [row for row in rows if row["model"] in models]
+    protocols = list(PROTOCOLS)
+    return sorted(
+        rows,
+        key=lambda row: (
+            models.index(row["model"]),
+            protocols.index(row.get("protocol", "persrec")),
+            row.get("negatives") != "per position",
+            row["run"],
+        ),
+    )
+
+
 def train(
     benchmark: Benchmark, run_name: str, runs: Path, logs: Path, args: argparse.Namespace, extra: list[str]
 ) -> None:
@@ -159,7 +190,12 @@ def collect(benchmark: Benchmark, run_dir: Path, protocol: str = "persrec") -> d
     wall = recorded_wall_seconds(run_dir)
     if wall is None:  # trained outside this script: from the run's first file to its results
         wall = path.stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
-    row: dict[str, Any] = {"model": benchmark.name, "protocol": protocol}
+    row: dict[str, Any] = {
+        "model": benchmark.name,
+        "run": run_dir.name,
+        "protocol": protocol,
+        "negatives": "per position" if config.get("negatives_per_position") else "per sequence",
+    }
     row.update({m: results["test"][OUR_KEYS[m]] for m in METRICS})
     row.update({f"published {m}": benchmark.published[m] for m in METRICS})
     row.update(
@@ -196,6 +232,8 @@ def markdown(rows: list[dict[str, Any]], command: str, notes: list[str]) -> str:
             ours.append(f"{value:.4f} ({(value - ref) / ref:+.1%})")
         wall = f"{row['wall seconds'] / 60:.0f} min"
         label = "ours" if row.get("protocol", "persrec") == "persrec" else "ours, their protocol"
+        if row.get("negatives") == "per sequence":
+            label += ", per-sequence negatives"
         lines.append(
             f"| {row['model']} ({label}) | "
             + " | ".join(ours)
@@ -214,7 +252,7 @@ def markdown(rows: list[dict[str, Any]], command: str, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def protocol_notes(args: argparse.Namespace, extra: list[str]) -> list[str]:
+def protocol_notes(args: argparse.Namespace, extra: list[str], rows: list[dict[str, Any]]) -> list[str]:
     notes = [
         "Early stopping on validation NDCG@10 (second-to-last item), stopping_step 10, at most the epochs in the "
         "table's `max` column (the configs say 101, capped here to fit the CPU budget); the best "
@@ -225,12 +263,20 @@ def protocol_notes(args: argparse.Namespace, extra: list[str]) -> list[str]:
         "items of the (200-item) input window; identical for users with at most 200 earlier items.",
         "Negatives: 128 uniform ids drawn for every position (negatives_per_position), as their "
         "LocalNegativesSampler does; no gradient clipping, as theirs.",
+        *(
+            [
+                "`per-sequence negatives` rows: an earlier version of the configs, 128 ids drawn per sequence and "
+                "shared by its positions, gradient-norm clipping at 1.0."
+            ]
+            if any(row.get("negatives") == "per sequence" for row in rows)
+            else []
+        ),
         "Data: the 5-core ML-1M copy (3,416 items, 999,611 ratings); theirs keeps all 3,706 items "
         "(0.06% more interactions).",
         f"CPU only, {args.threads} torch thread(s) per run; wall time includes validation after every "
         "epoch and depends on what else shared the machine.",
     ]
-    if "generative-recommenders" in args.protocols:
+    if any(row.get("protocol") == "generative-recommenders" for row in rows):
         notes.append(
             "`their protocol` rows: `--validation_split false`, the second-to-last item is a training target and "
             "the epoch is selected on the test item, as generative-recommenders does (it reports the best of "
@@ -274,26 +320,30 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     runs, logs = args.output / "runs", args.output / "logs"
-    rows = []
     for name in args.models:
         for protocol in args.protocols:
             benchmark = BENCHMARKS[name]
             flags, suffix = PROTOCOLS[protocol]
-            train(benchmark, name + suffix, runs, logs, args, extra + flags)
-            row = collect(benchmark, runs / (name + suffix), protocol)
+            run_name = name + suffix
+            if row_path(args.output, run_name).is_file():
+                print(f"[{run_name}] recorded earlier: {row_path(args.output, run_name)}", flush=True)
+                continue
+            train(benchmark, run_name, runs, logs, args, extra + flags)
+            row = collect(benchmark, runs / run_name, protocol)
             if row is None:
                 continue
-            rows.append(row)
+            record_row(args.output, row)
             print(
-                f"[{name + suffix}] test "
+                f"[{run_name}] test "
                 + ", ".join(f"{m} {row[m]:.4f} (paper {row[f'published {m}']:.4f})" for m in METRICS[:2])
             )
+    rows = recorded_rows(args.output, args.models)
     shown = [sys.argv[0] if argv is None else "benchmarks/reproduce_ml1m.py"]
     shown += sys.argv[1:] if argv is None else argv
     command = "python " + shlex.join(shown)
     table = args.table or args.output / "README.md"
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(markdown(rows, command, protocol_notes(args, extra)))
+    table.write_text(markdown(rows, command, protocol_notes(args, extra, rows)))
     print(f"table: {table}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

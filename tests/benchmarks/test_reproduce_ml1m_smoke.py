@@ -24,7 +24,7 @@ def _finished_run(run_dir: Path, epochs_done: int = 12) -> None:
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": epochs_done}))
     (run_dir / "checkpoints" / "latest").write_text("step-10")
-    (run_dir / "config.yaml").write_text("epochs: 30\n")
+    (run_dir / "config.yaml").write_text("epochs: 30\nnegatives_per_position: true\n")
     (run_dir / "results.json").write_text(json.dumps(results))
     bench.add_wall_seconds(run_dir, 120.0)
 
@@ -101,3 +101,37 @@ def test_their_protocol_trains_without_validation_split_in_its_own_run(
     table = (tmp_path / "README.md").read_text()
     assert "| sasrec (ours) |" in table and "| sasrec (ours, their protocol) |" in table
     assert table.count("| sasrec (paper) |") == 1 and "selected on the test item" in table
+
+
+def test_recorded_rows_outlive_their_runs_and_are_not_trained_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_call(command: list[str], **_: object) -> int:
+        commands.append(command)
+        _finished_run(
+            Path(command[command.index("--checkpoint_dir") + 1]) / command[command.index("--run_name") + 1]
+        )
+        return 0
+
+    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    argv = ["--output", str(tmp_path), "--models", "hstu"]
+    assert bench.main(argv) == 0
+    row = json.loads(bench.row_path(tmp_path, "hstu").read_text())
+    assert (row["run"], row["negatives"], row["hr@10"]) == ("hstu", "per position", 0.30)
+
+    # An older row of the same model, kept under another name, joins the table with its label.
+    older = dict(row, run="hstu-negatives-per-sequence", negatives="per sequence", **{"hr@10": 0.25})
+    bench.record_row(tmp_path, older)
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file():
+            path.unlink()  # the local run is gone; its row remains
+    assert bench.main(argv) == 0
+    assert len(commands) == 1
+    table = (tmp_path / "README.md").read_text()
+    assert table.index("| hstu (ours) | 0.3000") < table.index(
+        "| hstu (ours, per-sequence negatives) | 0.2500"
+    )
+    assert "`per-sequence negatives` rows" in table
+    assert "their protocol" not in table
