@@ -27,7 +27,6 @@ process got are part of every row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from persrec.atomic import atomic_write_json
 from persrec.models import BackboneConfig, SequenceBackbone, build_backbone
 from persrec.models import hstu as hstu_module
 from persrec.models import sasrec as sasrec_module
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if args.json is not None:
                     # Rewritten after every row so that a long run leaves its finished rows behind.
-                    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+                    atomic_write_json(args.json, rows, indent=2)
     peaks = [row["peak_gflops"] for row in rows]
     print(
         f"{args.layers} layers, d={args.dim}, {args.heads} heads, {args.items:,} items, random init, eval + "

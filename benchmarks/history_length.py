@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from persrec.atomic import atomic_write_json, atomic_write_text
 from persrec.data.datasets.registry import resolve_dataset
 from persrec.data.datasets.synthetic import SyntheticConfig
 from persrec.data.store import PreparedDataset
@@ -241,7 +242,7 @@ def execute(run: Run, plan: DatasetPlan, runs_dir: Path, dataset: Path, deadline
                 break
             time.sleep(2.0)
     elapsed = time.time() - started
-    (run_dir / WALL_FILE).write_text(json.dumps({"wall_s": _wall(run_dir) + elapsed}))
+    atomic_write_json(run_dir / WALL_FILE, {"wall_s": _wall(run_dir) + elapsed})
     done = (run_dir / "results.json").is_file()
     status = "done" if done else f"stopped (exit {proc.returncode}; see {run_dir / 'train.log'})"
     print(f"[{time.strftime('%H:%M:%S')}] {run.name}: {status} after {elapsed:.0f} s", flush=True)
@@ -436,7 +437,7 @@ def write_report(
     if notes:
         parts += [notes, ""]
     parts += [markdown_table(records, baselines), "![history length](history_length.png)", ""]
-    (output / "README.md").write_text("\n".join(parts))
+    atomic_write_text(output / "README.md", "\n".join(parts))
     plot(records, output / "history_length.png", baselines)
 
 
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time of this invocation: {time.time() - started:.0f} s; report in {args.output}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([r.to_json() for r in records], indent=1))
+        atomic_write_json(args.json, [r.to_json() for r in records])
     return 0 if all(r.status == "done" for r in records) else 1
 
 

@@ -11,7 +11,6 @@ runs inside this process, so RSS is also sampled from /proc during ``prepare``.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import shutil
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from persrec.atomic import atomic_write_json
 from persrec.data.prepare import PrepareOptions, prepare_dataset
 
 GIB = 1024**3
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print(markdown(rows))
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_json(args.json, rows, indent=2)
     return 0
 
 

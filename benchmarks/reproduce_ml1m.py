@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from persrec.atomic import atomic_write_json, atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "persrec" / "configs"
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
@@ -109,7 +111,7 @@ def recorded_wall_seconds(run_dir: Path) -> float | None:
 def add_wall_seconds(run_dir: Path, seconds: float) -> None:
     total = (recorded_wall_seconds(run_dir) or 0.0) + seconds
     run_dir.mkdir(parents=True, exist_ok=True)
-    wall_file(run_dir).write_text(json.dumps({"seconds": total}))
+    atomic_write_json(wall_file(run_dir), {"seconds": total})
 
 
 def row_path(output: Path, run_name: str) -> Path:
@@ -120,9 +122,7 @@ def record_row(output: Path, row: dict[str, Any]) -> None:
     """Keep a finished run's row beside the table (temp file + rename: a reader never sees half a row)."""
     path = row_path(output, row["run"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(row, indent=1) + "\n")
-    partial.replace(path)
+    atomic_write_json(path, row)
 
 
 def recorded_rows(output: Path, models: list[str]) -> list[dict[str, Any]]:
@@ -343,11 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + shlex.join(shown)
     table = args.table or args.output / "README.md"
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(markdown(rows, command, protocol_notes(args, extra, rows)))
+    atomic_write_text(table, markdown(rows, command, protocol_notes(args, extra, rows)))
     print(f"table: {table}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic_write_json(args.json, rows)
         print(f"json: {args.json}")
     return 0
 

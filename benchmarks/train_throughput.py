@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import resource
 import statistics
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from persrec.atomic import atomic_write_json
 from persrec.config import Config
 from persrec.models.experts import ExpertLayout
 from persrec.timing import matmul_rate, timed_call
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.json is not None:
             # Rewritten after every row so that a long run leaves its finished rows behind.
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            atomic_write_json(args.json, rows, indent=2)
     print(
         f"Training step = training_outputs -> sampled softmax ({args.negatives} negatives) -> backward -> clip -> "
         f"AdamW; {args.layers} layers, d={args.dim}, {args.heads} heads, random full-length batches; {device}, "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from persrec.atomic import atomic_write_text
 from persrec.config import Config, load_config, save_config
 
 LATEST = "latest"
@@ -35,12 +36,6 @@ class TrainerState:
     best_epoch: int | None = None
     evaluations_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ from is checkpointed, and a resumed run skips the batches its checkpoint already
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -22,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from persrec.atomic import atomic_write_json
 from persrec.config import Config, ConfigError
 from persrec.data.sequences import TrainSequences, collate
 from persrec.eval.ranking import EvalConfig, format_metrics_table
@@ -368,7 +368,7 @@ class Trainer:
         if self.ctx.is_main:
             ckpt.save_config(self.config, best_path.parent / "config.yaml")
             summary = {"best_epoch": self.state.best_epoch, "filter_seen": self.config.filter_seen, **results}
-            ckpt.atomic_write_text(self.run_dir / "results.json", json.dumps(summary, indent=1))
+            atomic_write_json(self.run_dir / "results.json", summary)
             self.logger.log(self.state.global_step, {f"test/{k}": v for k, v in test.items() if k != "count"})
             self.logger.close()
         return RunResult(self.run_dir, best_path.parent, valid, test, baseline, self.state.best_epoch)

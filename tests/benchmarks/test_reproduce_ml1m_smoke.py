@@ -29,6 +29,21 @@ def _finished_run(run_dir: Path, epochs_done: int = 12) -> None:
     bench.add_wall_seconds(run_dir, 120.0)
 
 
+def _fake_training(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace `persrec train` by one that records its command and leaves a finished run behind."""
+    commands: list[list[str]] = []
+
+    def fake_call(command: list[str], **_: object) -> int:
+        commands.append(command)
+        _finished_run(
+            Path(command[command.index("--checkpoint_dir") + 1]) / command[command.index("--run_name") + 1]
+        )
+        return 0
+
+    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    return commands
+
+
 def test_collect_and_table(tmp_path: Path) -> None:
     _finished_run(tmp_path / "hstu")
     row = bench.collect(bench.BENCHMARKS["hstu"], tmp_path / "hstu")
@@ -74,16 +89,7 @@ def test_unfinished_runs_resume_with_thread_limits(tmp_path: Path, monkeypatch: 
 def test_their_protocol_trains_without_validation_split_in_its_own_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commands: list[list[str]] = []
-
-    def fake_call(command: list[str], **_: object) -> int:
-        commands.append(command)
-        _finished_run(
-            Path(command[command.index("--checkpoint_dir") + 1]) / command[command.index("--run_name") + 1]
-        )
-        return 0
-
-    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    commands = _fake_training(monkeypatch)
     argv = [
         "--output",
         str(tmp_path),
@@ -106,16 +112,7 @@ def test_their_protocol_trains_without_validation_split_in_its_own_run(
 def test_recorded_rows_outlive_their_runs_and_are_not_trained_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commands: list[list[str]] = []
-
-    def fake_call(command: list[str], **_: object) -> int:
-        commands.append(command)
-        _finished_run(
-            Path(command[command.index("--checkpoint_dir") + 1]) / command[command.index("--run_name") + 1]
-        )
-        return 0
-
-    monkeypatch.setattr(bench.subprocess, "call", fake_call)
+    commands = _fake_training(monkeypatch)
     argv = ["--output", str(tmp_path), "--models", "hstu"]
     assert bench.main(argv) == 0
     row = json.loads(bench.row_path(tmp_path, "hstu").read_text())
