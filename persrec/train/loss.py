@@ -128,6 +128,13 @@ class _GatherWithGradient(torch.autograd.Function):
         return grad[start : start + ctx.sizes[ctx.rank]], None, None
 
 
+def _index_padding_away(device: torch.device) -> bool:
+    """Whether padding positions are dropped before scoring per-position negatives. On the CPU finding them
+    costs no device sync and saves their share of the scoring (about 45 % of ML-1M's positions); on an
+    accelerator the data-dependent shape would stall the host every step, so they are masked instead."""
+    return device.type == "cpu"
+
+
 def _first_occurrence(ids: Tensor) -> Tensor:
     """[C] ids -> [C] bool, True at the first occurrence of each id. Sort-based: O(C log C) memory-light and,
     unlike torch.unique, free of device syncs (duplicates stay as masked columns instead of being dropped)."""
@@ -242,6 +249,13 @@ class SampledSoftmaxLoss(nn.Module):
                 if per_group
                 else self.sample_negative_ids(device, generator)
             )
+
+        if per_group and cfg.negatives_per_position and _index_padding_away(device):
+            # Each kept position keeps the negatives drawn for it, so the result is that of the masked path.
+            keep = valid.nonzero().squeeze(1)
+            query, target_ids, valid = query[keep], target_ids[keep], valid[keep]
+            sampled_ids = sampled_ids.view(n, -1)[keep].flatten()
+            n = rows = keep.shape[0]
 
         # Private negatives are scored against the whole item table (a matmul, then a gather of the sampled
         # columns) instead of gathering [rows * M, D] embeddings when the table is at most TABLE_SCORING_RATIO

@@ -365,3 +365,30 @@ def test_sequence_length_must_divide_the_positions():
             lambda ids: torch.randn(*ids.shape, 4),
             sequence_length=3,
         )
+
+
+@pytest.mark.parametrize("num_items", [30, 400], ids=["table", "gathered"])
+def test_dropping_padding_positions_changes_neither_loss_nor_gradients(num_items, monkeypatch):
+    """On the CPU per-position negatives index padding away; the masked path (accelerators) must agree."""
+    torch.manual_seed(3)
+    table = torch.randn(num_items + 1, 8)
+    query = torch.randn(24, 8)
+    targets = torch.randint(1, num_items + 1, (24,))
+    targets[:10] = 0  # left padding of the first sequences
+    config = NCEConfig(num_negatives=5, temperature=0.1, negatives_per_position=True)
+    results = []
+    for drop in (True, False):
+        monkeypatch.setattr(loss_module, "_index_padding_away", lambda device, drop=drop: drop)
+        leaf = query.clone().requires_grad_(True)
+        weights = table.clone().requires_grad_(True)
+        out = SampledSoftmaxLoss(config, num_items)(
+            leaf, targets, lambda ids, w=weights: w[ids], torch.Generator().manual_seed(11)
+        )
+        out.loss.backward()
+        results.append((out.loss.detach(), out.num_positions, leaf.grad, weights.grad))
+    (dropped_loss, dropped_n, dropped_q, dropped_w), (masked_loss, masked_n, masked_q, masked_w) = results
+    torch.testing.assert_close(dropped_loss, masked_loss)
+    assert int(dropped_n) == int(masked_n) == 14
+    torch.testing.assert_close(dropped_q, masked_q)
+    assert dropped_q[:10].abs().sum() == 0
+    torch.testing.assert_close(dropped_w, masked_w)
