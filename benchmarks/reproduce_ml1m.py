@@ -282,6 +282,7 @@ def protocol_notes(args: argparse.Namespace, extra: list[str], rows: list[dict[s
             "the epoch is selected on the test item, as generative-recommenders does (it reports the best of "
             "its per-epoch test evaluations). Optimistic by construction; shown only to compare like with like."
         )
+    notes += [f"`{row['run']}`: {row['note']}." for row in rows if row.get("note")]
     notes += args.note
     if extra:
         notes.append(f"Extra persrec flags: `{shlex.join(extra)}`.")

@@ -119,7 +119,13 @@ def test_recorded_rows_outlive_their_runs_and_are_not_trained_again(
     assert (row["run"], row["negatives"], row["hr@10"]) == ("hstu", "per position", 0.30)
 
     # An older row of the same model, kept under another name, joins the table with its label.
-    older = dict(row, run="hstu-negatives-per-sequence", negatives="per sequence", **{"hr@10": 0.25})
+    older = dict(
+        row,
+        run="hstu-negatives-per-sequence",
+        negatives="per sequence",
+        note="an older run",
+        **{"hr@10": 0.25},
+    )
     bench.record_row(tmp_path, older)
     for path in (tmp_path / "runs").rglob("*"):
         if path.is_file():
@@ -130,5 +136,7 @@ def test_recorded_rows_outlive_their_runs_and_are_not_trained_again(
     assert table.index("| hstu (ours) | 0.3000") < table.index(
         "| hstu (ours, per-sequence negatives) | 0.2500"
     )
-    assert "`per-sequence negatives` rows" in table
+    assert (
+        "`per-sequence negatives` rows" in table and "- `hstu-negatives-per-sequence`: an older run." in table
+    )
     assert "their protocol" not in table
