@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -168,11 +169,16 @@ def train(
     log_path = logs / f"{run_name}.log"
     print(f"[{run_name}] {shlex.join(command)}\n[{run_name}] log: {log_path}", flush=True)
     started = time.perf_counter()
-    with log_path.open("a") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=thread_env(args.threads))
-    add_wall_seconds(run_dir, time.perf_counter() - started)
+    try:
+        with log_path.open("a") as log:
+            log.write(f"\n$ {shlex.join(command)}\n")
+            log.flush()
+            # On an exception (Ctrl-C, or SIGTERM through `stop_on_sigterm`) `call` kills the child first.
+            code = subprocess.call(
+                command, stdout=log, stderr=subprocess.STDOUT, env=thread_env(args.threads)
+            )
+    finally:  # an interrupted stretch still counts towards the run's wall time
+        add_wall_seconds(run_dir, time.perf_counter() - started)
     if code != 0:
         raise SystemExit(f"[{run_name}] persrec train exited with {code}; see {log_path}")
 
@@ -318,6 +324,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, list(args.extra)
 
 
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """`kill` raises SystemExit, so the training child is stopped and the wall time recorded."""
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     runs, logs = args.output / "runs", args.output / "logs"
@@ -354,4 +365,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     raise SystemExit(main())

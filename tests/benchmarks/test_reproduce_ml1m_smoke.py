@@ -140,3 +140,17 @@ def test_recorded_rows_outlive_their_runs_and_are_not_trained_again(
         "`per-sequence negatives` rows" in table and "- `hstu-negatives-per-sequence`: an older run." in table
     )
     assert "their protocol" not in table
+
+
+def test_an_interrupted_run_still_records_its_wall_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(command: list[str], **_: object) -> int:
+        bench.stop_on_sigterm(15, None)  # raises, as the handler does in the script
+        return 0
+
+    monkeypatch.setattr(bench.subprocess, "call", interrupted)
+    args, extra = bench.parse_args(["--output", str(tmp_path), "--models", "hstu"])
+    with pytest.raises(SystemExit, match="signal 15"):
+        bench.train(bench.BENCHMARKS["hstu"], "hstu", tmp_path / "runs", tmp_path / "logs", args, extra)
+    assert bench.recorded_wall_seconds(tmp_path / "runs" / "hstu") is not None
