@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 
+from persrec.atomic import atomic_path
 from persrec.data.schema import DataValidationError
 
 # Order matters: '::' must be tried before any single character it could be confused with.
@@ -122,38 +122,36 @@ def convert_csv_to_parquet(
         )
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f"{dst.name}.tmp-{os.getpid()}"
     workdir = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
     try:
-        source = src
-        if codec not in _NATIVE_ENCODINGS:
-            source = _transcode(src, encoding, workdir)
-            codec = "utf-8"
-        options = [
-            f"delim={_sql_str(delimiter)}",
-            f"header={'false' if columns is not None else 'true'}",
-            f"encoding={_sql_str(_NATIVE_ENCODINGS[codec])}",
-            "compression='auto'",
-            "sample_size=-1",
-            "skip=0",  # otherwise the sniffer may skip leading rows it deems malformed
-        ]
-        if columns is not None:
-            options.append("names=[" + ", ".join(_sql_str(c) for c in columns) + "]")
-        if len(delimiter) > 1:
-            options.append("quote=''")  # GroupLens .dat files never quote; titles may start with '"'
-        con = duckdb.connect(config={"temp_directory": str(workdir)})
-        try:
-            con.execute(
-                f"COPY (SELECT * FROM read_csv({_sql_str(str(source))}, {', '.join(options)})) "
-                f"TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION {_sql_str(compression)})"
-            )
-        except duckdb.Error as exc:
-            detail = "\n".join(str(exc).splitlines()[:4])
-            raise DataValidationError(f"{src}: could not convert to parquet: {detail}") from exc
-        finally:
-            con.close()
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            source = src
+            if codec not in _NATIVE_ENCODINGS:
+                source = _transcode(src, encoding, workdir)
+                codec = "utf-8"
+            options = [
+                f"delim={_sql_str(delimiter)}",
+                f"header={'false' if columns is not None else 'true'}",
+                f"encoding={_sql_str(_NATIVE_ENCODINGS[codec])}",
+                "compression='auto'",
+                "sample_size=-1",
+                "skip=0",  # otherwise the sniffer may skip leading rows it deems malformed
+            ]
+            if columns is not None:
+                options.append("names=[" + ", ".join(_sql_str(c) for c in columns) + "]")
+            if len(delimiter) > 1:
+                options.append("quote=''")  # GroupLens .dat files never quote; titles may start with '"'
+            con = duckdb.connect(config={"temp_directory": str(workdir)})
+            try:
+                con.execute(
+                    f"COPY (SELECT * FROM read_csv({_sql_str(str(source))}, {', '.join(options)})) "
+                    f"TO {_sql_str(str(tmp))} (FORMAT parquet, COMPRESSION {_sql_str(compression)})"
+                )
+            except duckdb.Error as exc:
+                detail = "\n".join(str(exc).splitlines()[:4])
+                raise DataValidationError(f"{src}: could not convert to parquet: {detail}") from exc
+            finally:
+                con.close()
     finally:
-        tmp.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return dst

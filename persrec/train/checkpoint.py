@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from persrec.atomic import atomic_write_text
+from persrec.atomic import atomic_path, atomic_write_text
 from persrec.config import Config, load_config, save_config
 
 LATEST = "latest"
@@ -44,9 +44,8 @@ def _state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(_state_dict_for_saving(model), str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(_state_dict_for_saving(model), str(tmp))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from persrec.atomic import atomic_path
+
 
 class MetricLogger:
     def log(self, step: int, values: dict[str, Any]) -> None:
@@ -35,12 +37,10 @@ class CSVLogger(MetricLogger):
         columns: list[str] = []
         for row in self.rows:
             columns += [c for c in row if c not in columns]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(self.path)
 
 
 class TensorBoardLogger(MetricLogger):

@@ -19,7 +19,6 @@ Item text conventions, shared by all MovieLens builders so that text models see 
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from persrec.atomic import atomic_path
 
 INTERACTIONS_FILE = "interactions.parquet"
 ITEMS_FILE = "items.parquet"
@@ -71,12 +72,8 @@ class BuiltDataset:
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     """Write ``table`` to ``path`` via a temporary file so readers never see a half-written parquet."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from persrec.atomic import atomic_write_json
 from persrec.data.datasets.movielens import (
     INTERACTIONS_FILE,
     ITEMS_FILE,
@@ -128,9 +129,7 @@ def _cached_build(
     stamp_path.unlink(missing_ok=True)
     built = build(out_dir)
     record = {**vars(built), "interactions": str(built.interactions), "items": str(built.items or "")}
-    tmp = stamp_path.with_name(f"{stamp_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "built": record}, indent=2), encoding="utf-8")
-    os.replace(tmp, stamp_path)
+    atomic_write_json(stamp_path, {"key": key, "built": record}, indent=2)
     return built
 
 

@@ -14,7 +14,6 @@ Generation is vectorised per chunk of users and streamed to parquet, so memory s
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from persrec.atomic import atomic_path
 from persrec.data.datasets.movielens import INTERACTIONS_FILE, ITEMS_FILE, BuiltDataset, write_parquet_atomic
 
 USERS_FILE = "users.parquet"
@@ -216,17 +216,12 @@ def generate_synthetic(config: SyntheticConfig, out_dir: Path) -> BuiltDataset:
     lengths = _history_lengths(config)
 
     path = out_dir / INTERACTIONS_FILE
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     long_term_parts = []
-    try:
-        with pq.ParquetWriter(tmp, _INTERACTION_SCHEMA, compression="zstd") as writer:
-            for index, (first, last) in enumerate(_chunk_bounds(lengths)):
-                table, long_term = _chunk(config, cat, first, lengths[first:last], index)
-                writer.write_table(table, row_group_size=table.num_rows)
-                long_term_parts.append(long_term)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, _INTERACTION_SCHEMA, compression="zstd") as writer:
+        for index, (first, last) in enumerate(_chunk_bounds(lengths)):
+            table, long_term = _chunk(config, cat, first, lengths[first:last], index)
+            writer.write_table(table, row_group_size=table.num_rows)
+            long_term_parts.append(long_term)
 
     long_term = np.concatenate(long_term_parts).astype(np.int32)
     k = config.long_term_interests_per_user
