@@ -4,10 +4,12 @@ Splits (per user, time-ordered history h): test target = h[-1], validation targe
 every item of h[:-2] after the first. Users with fewer than 3 interactions have no validation/test example.
 
 An example ending at target index t "loads" the last `feature_max_length` items up to and including the target
-(default: the item window + 1), then keeps the slice [start_position, end_position] of those (inclusive; 0 or
-None = to the end; the original scripts' `item_start_position` / `item_end_position`). The last kept item is the
-target; the items before it, at most `max_length`, are the input. Windows are LEFT-padded with item 0, so the
-most recent item always sits at the last index and position ids are simply 0 … L-1.
+(default: the item window + 1) into that many slots, then keeps slots [start_position, end_position] of them
+(inclusive; 0 or None = to the last slot; the original scripts' `item_start_position` / `item_end_position`).
+Slots are counted in the full-length load: a history shorter than it fills the last slots and the first ones are
+padding (`WindowConfig.select`). The last kept item is the target; the items before it, at most `max_length`, are
+the input. Windows are LEFT-padded with item 0, so the most recent item always sits at the last index and position
+ids are simply 0 … L-1.
 """
 
 from __future__ import annotations
@@ -50,14 +52,28 @@ class WindowConfig:
     def loaded_length(self) -> int:
         return self.feature_max_length or self.max_length + 1
 
+    @property
+    def last_slot(self) -> int:
+        """The kept slot that holds the target (end_position, or the last slot of the load)."""
+        return self.end_position or self.loaded_length - 1
+
     def select(self, history: np.ndarray, end: int) -> np.ndarray:
-        """Items kept for an example whose last loaded item is history[end - 1] (the nominal target)."""
-        loaded = history[max(0, end - self.loaded_length) : end]
-        # Positions are counted in a full-length load, as in the original scripts; short histories are
-        # aligned to its end (they are the most recent part of it).
-        shortfall = self.loaded_length - len(loaded)
-        stop = None if not self.end_position else max(0, self.end_position + 1 - shortfall)
-        return loaded[max(0, self.start_position - shortfall) : stop]
+        """The real items of the kept slots, oldest first, for a load that ends at history[end - 1].
+
+        The load is `loaded_length` slots; slot s holds history[end - loaded_length + s], or padding where that
+        index is negative (a short history is the most recent part of a full-length load, so it fills the last
+        slots). Slots start_position..last_slot are kept and their padding is left out: 0 to
+        last_slot - start_position + 1 items. The last one is the target only if `target_slot_filled(end)`;
+        callers left-pad the result again, so the padding's place is restored.
+        """
+        first = end - self.loaded_length  # history index of slot 0 (negative for a short history)
+        start = max(0, first + self.start_position)
+        return history[start : max(start, first + self.last_slot + 1)]
+
+    def target_slot_filled(self, end: np.ndarray) -> np.ndarray:
+        """Whether the target slot of a load ending at history[end - 1] holds an item rather than padding
+        (elementwise over an array of ends)."""
+        return np.asarray(end) - self.loaded_length + self.last_slot >= 0
 
 
 def _left_pad(values: np.ndarray, length: int, dtype: np.dtype) -> np.ndarray:
@@ -128,7 +144,12 @@ class EvalSequences(Dataset):
         self.held_out = 2 if split == "valid" else 1
         self.with_seen = with_seen
         self.stale_gap = stale_gap
-        eligible = np.flatnonzero(store.lengths() >= MIN_HISTORY)
+        lengths = store.lengths()
+        eligible = np.flatnonzero(lengths >= MIN_HISTORY)
+        if stale_gap is None:
+            # A user whose target slot is padding (history too short for item_end_position) has no example.
+            ends = lengths[eligible] - self.held_out + 1
+            eligible = eligible[window.target_slot_filled(ends)]
         self.users = eligible if users is None else np.intersect1d(users, eligible)
 
     def __len__(self) -> int:
