@@ -24,6 +24,12 @@ TIMESTAMPS_FILE = "timestamps.npy"
 ITEM_IDS_FILE = "item_ids.parquet"
 USER_IDS_FILE = "user_ids.parquet"
 ITEM_TABLE_FILE = "items.parquet"
+STORE_FILES = frozenset(
+    {MANIFEST_FILE, OFFSETS_FILE, ITEMS_FILE, TIMESTAMPS_FILE, ITEM_IDS_FILE, USER_IDS_FILE, ITEM_TABLE_FILE}
+)
+"""Every file name ``prepare`` may write into a dataset directory."""
+DATASET_FORMAT = "persrec-prepared-dataset"
+"""Value of the manifest's ``format`` field: marks a directory that ``prepare`` wrote (and may replace)."""
 
 OFFSETS_DTYPE = np.dtype(np.int64)
 ITEMS_DTYPE = np.dtype(np.int32)
@@ -117,6 +123,42 @@ def _check_item_range(path: Path, items: np.ndarray, num_items: int) -> None:
             )
 
 
+def _check_time_order(path: Path, offsets: np.ndarray, timestamps: np.ndarray) -> None:
+    """Every history must be in time order: a timestamp may only drop where a new user starts.
+
+    Training takes "the last item" to mean "the latest", so an unsorted history would silently
+    leak the future into the inputs. Scanned in chunks, like the other full checks.
+    """
+    n = len(timestamps)
+    for start in _chunks(max(n - 1, 0), SCAN_CHUNK):
+        stop = min(start + SCAN_CHUNK, n - 1)  # compares pairs (k, k + 1) for start <= k < stop
+        chunk = np.asarray(timestamps[start : stop + 1])
+        drops = np.flatnonzero(chunk[1:] < chunk[:-1]) + start + 1
+        if not drops.size:
+            continue
+        # The user starts inside this chunk: offsets with values in [start + 1, stop].
+        lo = int(np.searchsorted(offsets, start + 1, side="left"))
+        hi = int(np.searchsorted(offsets, stop, side="right"))
+        bad = drops[~np.isin(drops, np.asarray(offsets[lo:hi]))]
+        if bad.size:
+            pos = int(bad[0])
+            user = int(np.searchsorted(offsets, pos, side="right")) - 1
+            raise DataValidationError(
+                f"{path / TIMESTAMPS_FILE}: timestamps of user_idx {user}{_user_label(path, user)} are not sorted "
+                f"(history position {pos - int(offsets[user])}: {int(timestamps[pos])} after "
+                f"{int(timestamps[pos - 1])}); prepare the dataset again"
+            )
+
+
+def _user_label(path: Path, user: int) -> str:
+    """`` (user id X)`` from the id map, or nothing when the map cannot tell (it is checked later)."""
+    try:
+        table = pq.read_table(path / USER_IDS_FILE, filters=[("user_idx", "=", user)], columns=["user_id"])
+        return f" (user id {table.column(0)[0].as_py()!r})" if table.num_rows else ""
+    except (pa.ArrowException, OSError, KeyError):
+        return ""
+
+
 def _check_id_map(path: Path, idx_col: str, id_col: str, rows: int) -> None:
     if not path.is_file():
         raise DataValidationError(f"{path}: missing")
@@ -153,8 +195,9 @@ class PreparedDataset:
     def open(cls, path: str | Path, *, full_check: bool = True) -> PreparedDataset:
         """Open and validate a prepared dataset.
 
-        ``full_check`` also scans every stored item id (chunked, a few hundred MB/s); turn it off
-        to open huge datasets instantly when the store is trusted.
+        ``full_check`` also scans every stored item id and timestamp (chunked, a few hundred MB/s):
+        ids must be in range and each history in time order. Turn it off to open huge datasets
+        instantly when the store is trusted.
         """
         path = Path(path)
         if not path.is_dir():
@@ -174,6 +217,7 @@ class PreparedDataset:
             )
         if full_check:
             _check_item_range(path / ITEMS_FILE, items, num_items)
+            _check_time_order(path, offsets, timestamps)
         _check_id_map(path / ITEM_IDS_FILE, "item_idx", "item_id", num_items)
         _check_id_map(path / USER_IDS_FILE, "user_idx", "user_id", num_users)
         if manifest["has_item_table"]:

@@ -143,3 +143,32 @@ def test_fast_open_skips_item_scan(copy):
 def test_not_a_directory(tmp_path):
     with pytest.raises(DataValidationError, match="not a prepared dataset directory"):
         PreparedDataset.open(tmp_path / "missing")
+
+
+def test_unsorted_timestamps_name_the_user(copy):
+    # user_idx 1 is original user 7 with times [4, 6]; swapping them breaks its order only.
+    save_like(copy / "timestamps.npy", np.array([1, 2, 3, 6, 4, 8], np.int64))
+    with pytest.raises(DataValidationError) as err:
+        PreparedDataset.open(copy)
+    assert str(err.value) == (
+        f"{copy / 'timestamps.npy'}: timestamps of user_idx 1 (user id 7) are not sorted "
+        "(history position 1: 4 after 6); prepare the dataset again"
+    )
+    assert PreparedDataset.open(copy, full_check=False).num_interactions == 6
+
+
+def test_time_may_drop_where_a_user_starts(copy):
+    save_like(copy / "timestamps.npy", np.array([7, 8, 9, 1, 2, 0], np.int64))
+    assert PreparedDataset.open(copy).history_timestamps(1).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_time_order_check_across_chunks(copy, monkeypatch, chunk):
+    import persrec.data.store as store_mod
+
+    monkeypatch.setattr(store_mod, "SCAN_CHUNK", chunk)
+    save_like(copy / "timestamps.npy", np.array([7, 8, 9, 1, 2, 0], np.int64))
+    PreparedDataset.open(copy)
+    save_like(copy / "timestamps.npy", np.array([1, 3, 2, 4, 6, 8], np.int64))
+    with pytest.raises(DataValidationError, match=r"user_idx 0 \(user id 5\) .*position 2: 2 after 3"):
+        PreparedDataset.open(copy)
