@@ -147,13 +147,25 @@ def cmd_convert(argv: list[str]) -> int:
     parser.add_argument("--delimiter", help="default: sniffed (',', tab or '::')")
     parser.add_argument("--columns", help="comma-separated names for a file without a header")
     parser.add_argument("--encoding", default="utf-8")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (never the input)"
+    )
     args = parser.parse_args(argv)
     from persrec.data.convert import convert_csv_to_parquet
 
     columns = args.columns.split(",") if args.columns else None
-    out = convert_csv_to_parquet(
-        args.input, args.output, delimiter=args.delimiter, columns=columns, encoding=args.encoding
-    )
+    try:
+        out = convert_csv_to_parquet(
+            args.input,
+            args.output,
+            delimiter=args.delimiter,
+            columns=columns,
+            encoding=args.encoding,
+            overwrite=args.overwrite,
+        )
+    except (FileExistsError, PermissionError) as error:  # an output path in the way, one line
+        print(f"persrec: error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

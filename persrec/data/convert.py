@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import gzip
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -81,6 +83,34 @@ def _transcode(src: Path, encoding: str, workdir: Path) -> Path:
     return out
 
 
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse to clobber the input or, without ``overwrite``, any existing file."""
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            raise FileExistsError(f"{dst}: is the input file itself; choose another output path")
+        if dst.is_dir():
+            raise FileExistsError(f"{dst}: is a directory; give the path of the parquet file to write")
+        if not overwrite:
+            raise FileExistsError(f"{dst}: already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = dst.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{dst}: cannot write it, directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{dst}: cannot write it, directory {parent} is not writable")
+
+
+def _work_dir(dst: Path) -> Path:
+    """Scratch directory next to ``dst`` (same filesystem, so the final rename is atomic)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionError(
+            f"{dst}: cannot write it, directory {dst.parent} is not writable ({exc.strerror})"
+        ) from exc
+
+
 def convert_csv_to_parquet(
     src: Path,
     dst: Path,
@@ -89,16 +119,20 @@ def convert_csv_to_parquet(
     columns: list[str] | None = None,
     encoding: str = "utf-8",
     compression: str = "zstd",
+    overwrite: bool = False,
 ) -> Path:
     """Convert a delimited text file (optionally ``.gz``) to parquet, atomically.
 
     ``delimiter=None`` sniffs one of ``::``, tab, comma, semicolon or pipe. ``columns`` names the
     fields of a header-less file; without it the first line must be a header. Column types are
     inferred from the whole file, so a late non-numeric value cannot break the conversion midway.
+    An existing ``dst`` is replaced only with ``overwrite`` and never when it is ``src`` itself
+    (same path, link or inode); the directory of ``dst`` must already exist.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such file")
+    _check_destination(src, dst, overwrite)
     try:
         codec = codecs.lookup(encoding).name
     except LookupError as exc:
@@ -121,8 +155,7 @@ def convert_csv_to_parquet(
             f"{n_fields} field(s) separated by {delimiter!r}"
         )
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=".convert-", dir=dst.parent))
+    workdir = _work_dir(dst)
     try:
         with atomic_path(dst) as tmp:
             source = src

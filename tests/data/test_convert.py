@@ -1,8 +1,12 @@
+import errno
 import gzip
+import os
+import tempfile
 
 import pyarrow.parquet as pq
 import pytest
 
+from persrec.cli import main
 from persrec.data.convert import convert_csv_to_parquet, sniff_delimiter
 from persrec.data.schema import DataValidationError
 
@@ -63,13 +67,87 @@ def test_encoding_outside_duckdb_is_transcoded(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".convert-")]
 
 
-def test_replaces_existing_destination(tmp_path):
+def test_replaces_existing_destination_only_with_overwrite(tmp_path):
     src = tmp_path / "r.csv"
     src.write_text(as_text(","))
     dst = tmp_path / "r.parquet"
     dst.write_text("old")
-    convert_csv_to_parquet(src, dst, delimiter=",", compression="snappy")
+    with pytest.raises(FileExistsError, match=r"r\.parquet: already exists; pass --overwrite"):
+        convert_csv_to_parquet(src, dst, delimiter=",")
+    assert dst.read_text() == "old"
+    convert_csv_to_parquet(src, dst, delimiter=",", compression="snappy", overwrite=True)
     assert pq.read_table(dst).num_rows == 3
+
+
+def same_file_variants(src):
+    yield src
+    yield src.parent / "." / src.name
+    (src.parent / "link.csv").symlink_to(src)
+    yield src.parent / "link.csv"
+    os.link(src, src.parent / "hard.csv")
+    yield src.parent / "hard.csv"
+
+
+def test_output_that_is_the_input_is_refused(tmp_path):
+    src = tmp_path / "r.csv"
+    src.write_text(as_text(","))
+    before = src.read_bytes()
+    for dst in same_file_variants(src):
+        with pytest.raises(FileExistsError, match="is the input file itself"):
+            convert_csv_to_parquet(src, dst, overwrite=True)
+        assert src.read_bytes() == before
+
+
+def test_cli_refuses_in_place_and_existing_output(tmp_path, capsys):
+    src = tmp_path / "r.csv"
+    src.write_text(as_text(","))
+    before = src.read_bytes()
+    assert main(["convert", str(src), str(src), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"persrec: error: {src}: is the input file itself; choose another output path\n"
+    assert src.read_bytes() == before
+    dst = tmp_path / "r.parquet"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert main(["convert", str(src), str(dst)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"persrec: error: {dst}: already exists; pass --overwrite (overwrite=True) to replace it"
+    )
+    assert main(["convert", str(src), str(dst), "--overwrite"]) == 0
+
+
+def test_missing_or_unwritable_output_directory(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "r.csv"
+    src.write_text(as_text(","))
+    dst = tmp_path / "missing" / "r.parquet"
+    with pytest.raises(
+        FileNotFoundError, match=r"r\.parquet: cannot write it, directory .*missing does not exist"
+    ):
+        convert_csv_to_parquet(src, dst)
+    assert not dst.parent.exists()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    dst = tmp_path / "r.parquet"
+    assert main(["convert", str(src), str(dst)]) == 2
+    assert capsys.readouterr().err == (
+        f"persrec: error: {dst}: cannot write it, directory {tmp_path} is not writable (Read-only file system)\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_directory(tmp_path):
+    src = tmp_path / "r.csv"
+    src.write_text(as_text(","))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="is not writable"):
+            convert_csv_to_parquet(src, ro / "r.parquet")
+    finally:
+        ro.chmod(0o755)
 
 
 def test_sniff_delimiter():
