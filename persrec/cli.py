@@ -112,7 +112,16 @@ def cmd_prepare(argv: list[str]) -> int:
     parser.add_argument("--min_user_interactions", type=int, default=0)
     parser.add_argument("--min_item_interactions", type=int, default=0, help="with the user minimum: k-core")
     parser.add_argument("--memory_limit", default="3GB")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset prepare wrote earlier (a directory with other files is never touched)",
+    )
+    parser.add_argument(
+        "--drop_duplicates",
+        action="store_true",
+        help="drop repeated (user, item, timestamp) rows, keeping the first (they are always counted)",
+    )
     args = parser.parse_args(argv)
     from persrec.data.prepare import PrepareOptions, prepare_dataset
     from persrec.data.schema import InputSchema
@@ -130,10 +139,15 @@ def cmd_prepare(argv: list[str]) -> int:
         min_user_interactions=args.min_user_interactions,
         min_item_interactions=args.min_item_interactions,
         memory_limit=args.memory_limit,
+        drop_duplicates=args.drop_duplicates,
     )
-    store = prepare_dataset(
-        args.input, args.output, items=args.items, options=options, overwrite=args.overwrite
-    )
+    try:
+        store = prepare_dataset(
+            args.input, args.output, items=args.items, options=options, overwrite=args.overwrite
+        )
+    except (FileExistsError, PermissionError) as error:  # an output path in the way, one line
+        print(f"persrec: error: {error}", file=sys.stderr)
+        return 2
     print(store)
     return 0
 

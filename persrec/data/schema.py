@@ -280,7 +280,7 @@ def check_unique_keys(paths: Sequence[Path], column: str) -> None:
     """Duplicate item keys would make the item -> text join ambiguous, so they are an error."""
     parts = []
     for path in paths:
-        keys = pq.read_table(path, columns=[column]).column(column)
+        keys = read_column(path, column)
         keys = keys.cast(pa.int64() if id_kind(keys.type) == "int" else pa.string())
         if keys.null_count:
             raise DataValidationError(f"{path}: column '{column}' has {keys.null_count} null key(s)")
@@ -303,6 +303,16 @@ def check_unique_keys(paths: Sequence[Path], column: str) -> None:
             f"{', '.join(where)}: column '{column}' has {len(dup)} duplicate item key(s), e.g. "
             f"{example.as_py()!r} appears {dup[0]['counts'].as_py()} times; item keys must be unique"
         )
+
+
+def read_column(path: Path, column: str) -> pa.ChunkedArray:
+    """One column of a parquet file; damaged pages become a message naming the file."""
+    try:
+        return pq.read_table(path, columns=[column]).column(column)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(
+            f"{path}: not a readable parquet file ({exc}); it may be corrupt or truncated"
+        ) from exc
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:

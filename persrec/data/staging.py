@@ -6,6 +6,7 @@ writers then read:
 
 * ``stage_raw`` creates ``raw(u, i, t, seq[, pos])``: one row per interaction with a global input
   ordinal ``seq`` (and the list position ``pos`` for the per-user layout) used for tie-breaks.
+* ``drop_duplicates`` (optional) rewrites ``raw`` keeping the first of each repeated (u, i, t).
 * ``kcore`` creates ``vu(u, c)`` and ``vi(i, c)``: the surviving users/items with their counts.
 * ``assign_ids`` creates ``users(u, c, user_idx)`` and ``items(i, c, item_idx)``.
 """
@@ -61,7 +62,7 @@ def _time_cast(kind: str, expr: str, unit: str | None) -> str:
     return f"epoch_us(CAST({expr} AS {'TIMESTAMP_NS' if unit == 'ns' else 'TIMESTAMP'}))"
 
 
-def _names(files: list[Path], limit: int = 3) -> str:
+def file_names(files: list[Path], limit: int = 3) -> str:
     """File list for error messages, shortened when long."""
     shown = ", ".join(map(str, files[:limit]))
     return shown + (f" (and {len(files) - limit} more)" if len(files) > limit else "")
@@ -113,7 +114,7 @@ def validate_sources(files: list[Path], schema: InputSchema) -> Source:
         units.append(_time_unit(f, found))
         total += rows
     if cols is None:
-        raise DataValidationError(f"{_names(files)}: input has no rows")
+        raise DataValidationError(f"{file_names(files)}: input has no rows")
     return Source(kept, starts, cols, units)
 
 
@@ -195,6 +196,78 @@ def _check_lists(con: duckdb.DuckDBPyConnection, src: Source) -> None:
         )
 
 
+# Errors in persrec's own SQL (or an interrupt), not in the data being read.
+_NOT_READ_ERRORS = (
+    duckdb.OutOfMemoryException,
+    duckdb.ParserException,
+    duckdb.BinderException,
+    duckdb.CatalogException,
+    duckdb.InterruptException,
+)
+
+
+@contextmanager
+def reading(con: duckdb.DuckDBPyConnection, files: list[Path]) -> Iterator[None]:
+    """Turn DuckDB's failures to decode ``files`` into one error naming the unreadable file.
+
+    A file whose footer is intact but whose pages are damaged passes the footer checks and only
+    fails here, deep inside a scan, with a message that may not name the file.
+    """
+    try:
+        yield
+    except duckdb.Error as exc:
+        if isinstance(exc, _NOT_READ_ERRORS):
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        bad = _unreadable_file(con, files, str(exc))
+        if bad is None:
+            raise DataValidationError(f"{file_names(files)}: could not read the input ({detail})") from exc
+        detail = detail.replace(f'Failed to read file "{bad}": ', "")
+        raise DataValidationError(
+            f"{bad}: not a readable parquet file ({detail}); it may be corrupt or truncated"
+        ) from exc
+
+
+def _unreadable_file(con: duckdb.DuckDBPyConnection, files: list[Path], message: str) -> Path | None:
+    """The file DuckDB failed on: named in its message, else the first one that fails a full read."""
+    named = [f for f in files if str(f) in message]
+    if named:
+        return max(named, key=lambda f: len(str(f)))  # '/a/x.parquet' also matches '/a/x.parquet.1'
+    if len(files) == 1:
+        return files[0]
+    for f in files:  # only on the error path: decode every value of every column, file by file
+        try:
+            con.execute(f"SELECT max(hash(COLUMNS(*))) FROM read_parquet({quote_literal(str(f))})").fetchall()
+        except duckdb.Error:
+            return f
+    return None
+
+
+def count_duplicates(con: duckdb.DuckDBPyConnection) -> int:
+    """Rows of ``raw`` repeating an earlier (u, i, t): the number ``drop_duplicates`` removes."""
+    return int(
+        con.execute(
+            "SELECT coalesce(sum(c - 1), 0) FROM (SELECT count(*) AS c FROM raw GROUP BY u, i, t HAVING c > 1)"
+        ).fetchone()[0]
+    )
+
+
+def drop_duplicates(con: duckdb.DuckDBPyConnection, layout: str) -> None:
+    """Keep the first of each repeated (u, i, t) in input order, so tie-breaks stay the same.
+
+    A grouped aggregate (not a window) so DuckDB can spill it to disk like the other steps.
+    """
+    if layout == "per_user":
+        first = "min({'seq': seq, 'pos': pos}) AS f"
+        keep = "u, i, t, f.seq AS seq, f.pos AS pos"
+    else:
+        first = "min(seq) AS f"
+        keep = "u, i, t, f AS seq"
+    con.execute(
+        f"CREATE OR REPLACE TABLE raw AS SELECT {keep} FROM (SELECT u, i, t, {first} FROM raw GROUP BY u, i, t)"
+    )
+
+
 def stage_raw(con: duckdb.DuckDBPyConnection, src: Source) -> None:
     """Create ``raw``; per-user lists are checked first so a bad row is reported by file and row."""
     if src.cols.layout == "per_user":
@@ -202,7 +275,7 @@ def stage_raw(con: duckdb.DuckDBPyConnection, src: Source) -> None:
     try:
         con.execute(f"CREATE TABLE raw AS {_source_sql(src)}")
     except duckdb.ConversionException as exc:
-        raise DataValidationError(f"{_names(src.files)}: {exc}") from exc
+        raise DataValidationError(f"{file_names(src.files)}: {exc}") from exc
 
 
 def check_staged(con: duckdb.DuckDBPyConnection, src: Source) -> None:
@@ -287,12 +360,14 @@ def assign_ids(con: duckdb.DuckDBPyConnection, src: Source, min_user: int, min_i
     items = con.execute("SELECT count(*) FROM vi").fetchone()[0]
     if interactions == 0:
         raise DataValidationError(
-            f"{_names(src.files)}: no interactions left after filtering with "
+            f"{file_names(src.files)}: no interactions left after filtering with "
             f"min_user_interactions={min_user}, "
             f"min_item_interactions={min_item}"
         )
     if items > _MAX_ITEMS:
-        raise DataValidationError(f"{_names(src.files)}: {items} distinct items exceed the int32 index range")
+        raise DataValidationError(
+            f"{file_names(src.files)}: {items} distinct items exceed the int32 index range"
+        )
     con.execute(
         "CREATE TABLE items AS SELECT i, c, CAST(row_number() OVER (ORDER BY i) AS INTEGER) AS item_idx FROM vi"
     )

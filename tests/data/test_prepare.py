@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import random
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import persrec.data.writers as writers_mod
-from persrec.data.prepare import PrepareOptions, prepare_dataset, resolve_parquet_files
+from persrec.data.prepare import PrepareOptions, owned_files, prepare_dataset, resolve_parquet_files
 from persrec.data.schema import DataValidationError, InputSchema
 
 # user, item, time; user 20 has two equal timestamps whose input order must survive.
@@ -279,6 +280,149 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     assert (out / "notes.txt").exists()
 
 
+def test_manifest_marks_the_directory_and_lists_its_files(tmp_path):
+    ds = run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "out")
+    assert ds.manifest["format"] == "persrec-prepared-dataset"
+    assert ds.manifest["files"] == sorted(p.name for p in ds.path.iterdir())
+    assert owned_files(ds.path) == set(ds.manifest["files"])
+
+
+def test_overwrite_keeps_a_users_manifest_and_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "my web app", "icons": []}')
+    (out / "index.html").write_text("<html></html>")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="not a prepared dataset written by persrec") as err:
+        run(write_rows(tmp_path / "in.parquet", ROWS), out, overwrite=True)
+    assert str(out) in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and leftovers(tmp_path) == []
+
+
+def changed_input(tmp_path: Path) -> Path:
+    """An input whose content and mtime differ from the one ``out`` was prepared from."""
+    src = write_rows(tmp_path / "in.parquet", ROWS)
+    run(src, tmp_path / "out")
+    write_rows(src, ROWS[:4])
+    stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns + 10**9
+    os.utime(src, ns=(stamp, stamp))
+    return src
+
+
+def test_overwrite_refuses_a_dataset_holding_a_foreign_file(tmp_path):
+    src = changed_input(tmp_path)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "plots").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds .*notes\.txt, which persrec did not write"):
+        run(src, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_interactions"] == 6
+    assert leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_only_persrecs_files(tmp_path):
+    src = changed_input(tmp_path)
+    ds = run(src, tmp_path / "out", overwrite=True)
+    assert ds.num_interactions == 4 and leftovers(tmp_path) == []
+
+
+def test_dataset_written_before_the_marker_is_still_replaceable(tmp_path):
+    src = changed_input(tmp_path)
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["format"], manifest["files"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert owned_files(tmp_path / "out") is not None
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        run(src, tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / "notes.txt").unlink()
+    assert run(src, tmp_path / "out", overwrite=True).num_interactions == 4
+
+
+@pytest.mark.parametrize("files", [["../in.parquet"], ["a/b"], "items.npy", [7]])
+def test_a_manifest_listing_paths_outside_is_not_persrecs(tmp_path, files):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"format": "persrec-prepared-dataset", "files": files}))
+    assert owned_files(out) is None
+
+
+def test_file_added_during_the_build_is_kept(tmp_path, monkeypatch):
+    src = changed_input(tmp_path)
+    real = writers_mod.write_histories
+
+    def write_and_intrude(*args, **kwargs):
+        (tmp_path / "out" / "late.txt").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writers_mod, "write_histories", write_and_intrude)
+    with pytest.raises(FileExistsError, match=r"late\.txt"):
+        run(src, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "late.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+def test_replacing_deletes_only_listed_files(tmp_path, monkeypatch, capsys):
+    import persrec.data.prepare as prepare_mod
+
+    src = changed_input(tmp_path)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(prepare_mod, "_check_replaceable", lambda output: None)  # as if added too late
+    assert run(src, tmp_path / "out", overwrite=True).num_interactions == 4
+    kept = tmp_path / f".out.old-{os.getpid()}"
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+    assert (
+        f"persrec: kept {kept}, the replaced dataset: could not remove notes.txt" in capsys.readouterr().err
+    )
+
+
+def test_stale_replaced_dataset_keeps_foreign_files(tmp_path):
+    run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "ds")
+    stale = tmp_path / ".out.old-999999999"
+    (tmp_path / "ds").rename(stale)
+    (stale / "notes.txt").write_text("mine")
+    run(tmp_path / "in.parquet", tmp_path / "out")
+    assert sorted(p.name for p in stale.iterdir()) == ["notes.txt"]
+
+
+def test_empty_output_directory_is_used(tmp_path):
+    (tmp_path / "out").mkdir()
+    assert run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "out").num_interactions == 6
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_unwritable_parent_is_named(tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.name.startswith(".out.tmp-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(PermissionError, match=r"out: cannot write there, .* is not writable") as err:
+        run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "out")
+    assert str(tmp_path / "out") in str(err.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_parent_is_named(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="is not writable"):
+            run(write_rows(tmp_path / "in.parquet", ROWS), parent / "out")
+    finally:
+        parent.chmod(0o755)
+
+
 def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     src = write_rows(tmp_path / "in.parquet", ROWS)
 
@@ -315,6 +459,63 @@ def test_external_temp_dir_is_cleaned(tmp_path):
     spill.mkdir()
     run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "out", options=PrepareOptions(temp_dir=spill))
     assert list(spill.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------- duplicates
+
+# (user, item, time): user 1 repeats (5, 10) twice more, user 2 repeats (7, 20) once; (1, 5, 11) differs.
+DUPLICATED = [(1, 5, 10), (1, 6, 10), (1, 5, 10), (2, 7, 20), (1, 5, 11), (2, 7, 20), (1, 5, 10)]
+
+
+@pytest.mark.parametrize("layout", [write_rows, write_lists])
+def test_duplicates_are_counted_and_kept_by_default(tmp_path, capsys, layout):
+    src = layout(tmp_path / "in.parquet", DUPLICATED)
+    ds = run(src, tmp_path / "out")
+    err = capsys.readouterr().err.strip().splitlines()
+    key = "(user_id, item_id, timestamp)" if layout is write_rows else "(user_id, object_id, event_time)"
+    assert err == [f"persrec: 3 duplicate {key} rows in {src}; pass --drop_duplicates to drop them"]
+    assert ds.num_interactions == 7
+    assert ds.manifest["duplicates"] == {"key": list(key[1:-1].split(", ")), "count": 3, "dropped": False}
+
+
+@pytest.mark.parametrize("layout", [write_rows, write_lists])
+def test_drop_duplicates_keeps_the_first_of_each(tmp_path, capsys, layout):
+    src = layout(tmp_path / "in.parquet", DUPLICATED)
+    ds = run(src, tmp_path / "out", options=PrepareOptions(drop_duplicates=True))
+    assert "persrec: dropped 3 duplicate" in capsys.readouterr().err
+    assert ds.num_interactions == 4 and ds.manifest["duplicates"]["dropped"] is True
+    assert ds.manifest["duplicates"]["count"] == 3
+    assert histories(ds) == {1: [(5, 10), (6, 10), (5, 11)], 2: [(7, 20)]}
+
+
+def test_no_duplicates_no_message(tmp_path, capsys):
+    ds = run(write_rows(tmp_path / "in.parquet", ROWS), tmp_path / "out")
+    assert capsys.readouterr().err == "" and ds.manifest["duplicates"]["count"] == 0
+
+
+def test_duplicates_across_files_and_before_the_kcore(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_rows(d / "a.parquet", [(1, 5, 10), (1, 6, 20), (2, 6, 30)])
+    write_rows(d / "b.parquet", [(1, 5, 10), (2, 5, 40)])
+    kept = run(d, tmp_path / "kept", options=PrepareOptions(min_item_interactions=3))
+    assert "1 duplicate" in capsys.readouterr().err and histories(kept) == {
+        1: [(5, 10), (5, 10)],
+        2: [(5, 40)],
+    }
+    dropped = PrepareOptions(min_item_interactions=3, drop_duplicates=True)
+    with pytest.raises(DataValidationError, match="no interactions left"):
+        run(d, tmp_path / "dropped", options=dropped)
+
+
+def test_drop_duplicates_is_part_of_the_fingerprint(tmp_path):
+    src = write_rows(tmp_path / "in.parquet", DUPLICATED)
+    run(src, tmp_path / "out")
+    assert "drop_duplicates" not in PrepareOptions().result_key()  # older datasets stay up to date
+    with pytest.raises(FileExistsError, match="different input or options"):
+        run(src, tmp_path / "out", options=PrepareOptions(drop_duplicates=True))
+    ds = run(src, tmp_path / "out", options=PrepareOptions(drop_duplicates=True), overwrite=True)
+    assert ds.num_interactions == 4
 
 
 # ----------------------------------------------------------------------------------------- bad input
