@@ -37,14 +37,33 @@ class ExpertServer:
         return self._items
 
     @torch.inference_mode()
-    def compress(self, history_ids: Tensor, timestamps: Tensor | None = None) -> KVCache:
-        """history_ids: [B, P] left-padded item ids -> the users' expert cache."""
-        return self.model.compress(history_ids, timestamps)
+    def compress(
+        self,
+        history_ids: Tensor,
+        timestamps: Tensor | None = None,
+        users: Tensor | None = None,
+        segments: int | None = None,
+    ) -> KVCache:
+        """history_ids: [B, P'] left-padded item ids of the first `segments` history segments (default: all,
+        P' = P) -> the users' expert cache.
+
+        users: [B] user indices of the training data, for a model with per-user expert tokens (unknown or
+        missing users get the shared tokens). The recommender's options apply as in evaluation: without
+        `predict_with_full_item_seq` the history is not read and the cache holds the experts alone.
+        """
+        return self.recommender.compress(history_ids, timestamps, users, segments)
 
     @torch.inference_mode()
-    def refresh(self, cache: KVCache, segment_ids: Tensor, timestamps: Tensor | None = None) -> KVCache:
-        """Fold the next completed history segment into the cache (multi-segment layouts)."""
-        return self.model.refresh(cache, segment_ids, timestamps)
+    def refresh(
+        self,
+        cache: KVCache,
+        segment_ids: Tensor,
+        timestamps: Tensor | None = None,
+        users: Tensor | None = None,
+    ) -> KVCache:
+        """Fold the next completed history segment [B, n] into the cache (multi-segment layouts); `users` as
+        for `compress` (the segment's expert group gets the same per-user tokens)."""
+        return self.recommender.refresh(cache, segment_ids, timestamps, users)
 
     @torch.inference_mode()
     def predict(self, cache: KVCache, recent_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
