@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from persrec.models.mask_cache import PassMask
+
 
 @dataclass
 class BackboneConfig:
@@ -194,12 +196,18 @@ class SequenceBackbone(nn.Module):
         cache: KVCache | None,
         return_cache: bool,
     ) -> tuple[Tensor, KVCache | None]:
-        """Run `self.layers` in order, collecting each layer's key/values of the current tokens."""
+        """Run `self.layers` in order, collecting each layer's key/values of the current tokens.
+
+        What the layers share is computed here once per pass rather than in every layer: the mask travels as a
+        `PassMask` (the attention kernels' host-side summaries of it are built by the first layer), and
+        `_layer_context` derives the rest (e.g. HSTU's relative-bias indices) from positions and timestamps.
+        """
+        shared = PassMask(mask)
         context = self._layer_context(positions, timestamps, cache)
         keys, values = [], []
         for index, layer in enumerate(self.layers):
             past = None if cache is None else (cache.keys[index], cache.values[index])
-            hidden, (k, v) = self._call_layer(layer, hidden, mask, past, context)
+            hidden, (k, v) = self._call_layer(layer, hidden, shared, past, context)
             keys.append(k)
             values.append(v)
         hidden = self._output_norm(hidden)
@@ -216,7 +224,7 @@ class SequenceBackbone(nn.Module):
         self,
         layer: nn.Module,
         hidden: Tensor,
-        mask: Tensor,
+        mask: PassMask,
         past: tuple[Tensor, Tensor] | None,
         context: dict,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -7,16 +7,39 @@ queries, so running the recent window against an expert cache gives exactly the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from persrec.models.base import BackboneConfig, KVCache, SequenceBackbone
 from persrec.models.hstu_attention import hstu_attention, hstu_attention_reference
+from persrec.models.hstu_native import padded_keys
+from persrec.models.mask_cache import PassMask, mask_tensor
+
+
+@dataclass(frozen=True)
+class RelativeBiasIndex:
+    """Which entry of a layer's bias table every (query, key) pair reads: the part of the relative bias that
+    all layers of a pass share (each layer has its own table).
+
+    index: [B, L, S8] int32, or [1, L, S8] when only positions matter and every sequence has the same ones;
+    S8 = the S keys rounded up to the fused kernel's alignment. The padding columns read valid entries and are
+    hidden by the mask; they let the gathered bias go to the kernel without a padding copy.
+    """
+
+    index: Tensor
+    keys: int
 
 
 class RelativeBias(nn.Module):
-    """Learned bias on relative position and on log-bucketed time gaps, shared by all heads of one layer."""
+    """Learned bias on relative position and on log-bucketed time gaps, shared by all heads of one layer.
+
+    With both terms the layer's table is their outer sum, [2P - 1, T + 1] flattened, so one gather per layer
+    reads both (`index` = position offset * (T + 1) + time bucket); position-only and time-only tables are the
+    terms themselves. Values equal the two separate gathers added, bit for bit.
+    """
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -29,26 +52,61 @@ class RelativeBias(nn.Module):
             nn.Parameter(torch.zeros(config.time_buckets + 1)) if config.relative_time_bias else None
         )
 
-    def forward(
-        self,
-        query_positions: Tensor,
-        key_positions: Tensor,
-        query_times: Tensor | None,
-        key_times: Tensor | None,
-    ) -> Tensor:
-        """Positions [B, L] / [B, S], times the same or None -> bias [B, L, S]."""
-        bias = query_positions.new_zeros((), dtype=torch.float32)
-        if self.position_bias is not None:
-            offset = key_positions[:, None, :] - query_positions[:, :, None] + self.max_positions - 1
-            bias = bias + self.position_bias[offset.clamp_(0, 2 * self.max_positions - 2)]
-        if self.time_bias is not None:
-            if query_times is None or key_times is None:
-                raise ValueError("relative_time_bias is enabled but the batch carries no timestamps")
-            gap = (query_times[:, :, None] - key_times[:, None, :]).abs().clamp_(min=1).float()
-            # Buckets of log-time (base 2, as 0.301 ≈ log10 2 in the original formulation).
-            bucket = (gap.log2()).long().clamp_(0, self.time_buckets)
-            bias = bias + self.time_bias[bucket]
-        return bias
+    def table(self) -> Tensor:
+        """This layer's flattened bias table, in the order `relative_bias_index` counts entries."""
+        if self.position_bias is not None and self.time_bias is not None:
+            return (self.position_bias[:, None] + self.time_bias[None, :]).reshape(-1)
+        table = self.position_bias if self.position_bias is not None else self.time_bias
+        assert table is not None, "a RelativeBias without position and time terms"
+        return table
+
+    def forward(self, shared: RelativeBiasIndex, batch: int) -> Tensor:
+        """The bias [B, L, S] of this layer: a view of the first S columns of a contiguous [B, L, S8]."""
+        index = shared.index
+        bias = self.table().index_select(0, index.reshape(-1)).view(index.shape)[:, :, : shared.keys]
+        return bias if bias.shape[0] == batch else bias.expand(batch, -1, -1)
+
+
+def relative_bias_index(
+    config: BackboneConfig,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    query_times: Tensor | None,
+    key_times: Tensor | None,
+) -> RelativeBiasIndex:
+    """The per-pass index into every layer's `RelativeBias.table()`.
+
+    Positions [B, L] / [B, S] int64, times the same or None. The time bucket is floor(log2(max(|gap|, 1)))
+    in float32, clamped to [0, T]; the position offset is key - query + P - 1, clamped to the table.
+    """
+    keys = key_positions.shape[1]
+    pad = padded_keys(keys) - keys
+    index = None
+    if config.relative_position_bias:
+        if not query_positions.is_cuda and _same_rows(query_positions) and _same_rows(key_positions):
+            query_positions, key_positions = query_positions[:1], key_positions[:1]  # one [1, L, S8] index
+        key_positions = F.pad(key_positions, (0, pad))
+        offset = key_positions[:, None, :] - query_positions[:, :, None] + config.max_positions - 1
+        index = offset.clamp_(0, 2 * config.max_positions - 2).to(torch.int32)
+    if config.relative_time_bias:
+        if query_times is None or key_times is None:
+            raise ValueError("relative_time_bias is enabled but the batch carries no timestamps")
+        if key_times.shape[1] != keys:
+            raise ValueError(
+                f"relative_time_bias needs a timestamp for every key: {key_times.shape[1]} for {keys} keys "
+                "(an expert cache built without timestamps?)"
+            )
+        gap = torch.sub(query_times[:, :, None], F.pad(key_times, (0, pad))[:, None, :]).abs_().clamp_(min=1)
+        # Buckets of log-time (base 2, as 0.301 ≈ log10 2 in the original formulation).
+        bucket = gap.float().log2_().to(torch.int32).clamp_(0, config.time_buckets)
+        index = bucket if index is None else bucket.add_(index * (config.time_buckets + 1))
+    assert index is not None, "relative_bias_index without position or time bias"
+    return RelativeBiasIndex(index, keys)
+
+
+def _same_rows(t: Tensor) -> bool:
+    """Whether every row of [B, n] equals the first (a host read: CPU tensors only)."""
+    return t.shape[0] == 1 or t.stride(0) == 0 or bool((t == t[:1]).all())
 
 
 class HSTULayer(nn.Module):
@@ -76,14 +134,12 @@ class HSTULayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor,
-        positions: Tensor,
-        key_positions: Tensor,
-        times: Tensor | None,
-        key_times: Tensor | None,
+        mask: Tensor | PassMask,
         past: tuple[Tensor, Tensor] | None,
+        bias_index: RelativeBiasIndex | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x: [B, L, D]; mask: [B, L, S] with S = cached + L; returns the new x and this step's (k, v)."""
+        """x: [B, L, D]; mask: [B, L, S] with S = cached + L; bias_index: the pass's relative-bias index (needed
+        when the layer has a relative bias). Returns the new x and this step's (k, v)."""
         hv, hq = self.heads * self.v_dim, self.heads * self.qk_dim
         u, v, q, k = F.silu(self.uvqk(self.input_norm(x))).split([hv, hv, hq, hq], dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, H, L, d]
@@ -92,10 +148,14 @@ class HSTULayer(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         bias = None
         if self.relative_bias is not None:
-            bias = self.relative_bias(positions, key_positions, times, key_times)
+            if bias_index is None:
+                raise ValueError("this HSTU layer has a relative bias: pass the pass's relative_bias_index")
+            bias = self.relative_bias(bias_index, x.shape[0])
         if self.training and self.attn_dropout > 0:
             # Dropout on attention weights needs them materialised: only the reference path has them.
-            attended = hstu_attention_reference(q, k, v, mask, bias, self.normaliser, self.attn_dropout)
+            attended = hstu_attention_reference(
+                q, k, v, mask_tensor(mask), bias, self.normaliser, self.attn_dropout
+            )
         else:
             attended = hstu_attention(q, k, v, mask, bias, self.normaliser, self.attention_implementation)
         batch, length, _ = x.shape
@@ -111,32 +171,25 @@ class HSTU(SequenceBackbone):
         self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_layers))
 
     def _layer_context(self, positions: Tensor, timestamps: Tensor | None, cache: KVCache | None) -> dict:
+        """The relative-bias index of the pass (bucketing time gaps costs several passes over [B, L, S]: once
+        per pass instead of once per layer), or none when the model has no relative bias."""
+        config = self.config
+        if not (config.relative_position_bias or config.relative_time_bias):
+            return {"bias_index": None}
         key_positions, key_times = positions, timestamps
         if cache is not None:
             key_positions = torch.cat([cache.positions, positions], dim=1)
             if timestamps is not None and cache.timestamps is not None:
                 key_times = torch.cat([cache.timestamps, timestamps], dim=1)
-        return {
-            "positions": positions,
-            "key_positions": key_positions,
-            "times": timestamps,
-            "key_times": key_times,
-        }
+        index = relative_bias_index(config, positions, key_positions, timestamps, key_times)
+        return {"bias_index": index}
 
     def _call_layer(
         self,
         layer: nn.Module,
         hidden: Tensor,
-        mask: Tensor,
+        mask: PassMask,
         past: tuple[Tensor, Tensor] | None,
         context: dict,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        return layer(
-            hidden,
-            mask,
-            context["positions"],
-            context["key_positions"],
-            context["times"],
-            context["key_times"],
-            past,
-        )
+        return layer(hidden, mask, past, context["bias_index"])

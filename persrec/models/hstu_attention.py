@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from persrec.models import hstu_native
-from persrec.models.mask_cache import MaskCache
+from persrec.models.mask_cache import PassMask, derived, mask_tensor
 
 # Score tile size. Per-element costs were flat from 1 to 4 MiB on the 2-core EPYC we develop on (1 MiB L2 per
 # core); smaller tiles pay more Python and small-GEMM overhead per element.
@@ -76,10 +76,6 @@ class _Plan:
     tile_elements: int
 
 
-# Tilings of recent masks (one pass's layers share a mask, so one summary serves them all).
-_plans = MaskCache()
-
-
 def _block_runs(flags: list[bool], first: int, last: int) -> list[tuple[int, int]]:
     """Maximal runs [j0, j1) of True in flags[first:last + 1]."""
     runs: list[tuple[int, int]] = []
@@ -125,10 +121,10 @@ def _build_plan(mask: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
     return _Plan(group, tuple(tiles), group * heads * largest)
 
 
-def _plan(mask: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
-    """The tiling of `mask` ([B, L, S] bool), shared by every call with the same unmodified mask."""
-    key = (heads, dtype, TILE_BYTES, TILE_ROWS, KEY_BLOCK)
-    return _plans.get(mask, key, lambda: _build_plan(mask, heads, dtype))
+def _plan(mask: Tensor | PassMask, tensor: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
+    """The tiling of `tensor` ([B, L, S] bool, `mask` broadcast to the call's shape), once per pass."""
+    key = ("tiled plan", tuple(tensor.shape), heads, dtype, TILE_BYTES, TILE_ROWS, KEY_BLOCK)
+    return derived(mask, key, lambda: _build_plan(tensor, heads, dtype))
 
 
 def _apply_strips(tile_values: Tensor, tile: _Tile, g0: int, g1: int, heads: int) -> None:
@@ -149,10 +145,9 @@ class _TiledHSTUAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, normaliser):  # noqa: D102
+    def forward(ctx, q, k, v, plan, bias, normaliser):  # noqa: D102
         batch, heads, length, dk = q.shape
         keys, dv = k.shape[2], v.shape[3]
-        plan = _plan(mask, heads, q.dtype)
         q_rows = q.reshape(batch * heads, length, dk)
         k_t = k.transpose(-1, -2).reshape(batch * heads, dk, keys)
         v_t = v.transpose(-1, -2).reshape(batch * heads, dv, keys)
@@ -215,6 +210,13 @@ class _TiledHSTUAttention(torch.autograd.Function):
         return unflatten(grad_q_t), unflatten(grad_k_t), unflatten(grad_v_t), None, grad_bias, None
 
 
+def _broadcast_mask(mask: Tensor | PassMask, q: Tensor, k: Tensor) -> Tensor:
+    """The mask as [B, L, S] (a broadcast mask expanded: both CPU paths index it per batch element)."""
+    tensor = mask_tensor(mask)
+    shape = (q.shape[0], q.shape[2], k.shape[2])
+    return tensor if tensor.shape == shape else tensor.expand(shape)
+
+
 def _view(buffer: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """A contiguous view of the first elements of a flat work buffer."""
     count = 1
@@ -250,7 +252,7 @@ def hstu_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor,
+    mask: Tensor | PassMask,
     bias: Tensor | None,
     normaliser: float,
     implementation: str = "auto",
@@ -259,8 +261,9 @@ def hstu_attention(
 
     auto: reference on a GPU (its large batched kernels win there); on a CPU the fused C kernel of
     `persrec.models.hstu_native` where it applies (float32, narrow heads, AVX2 and a C compiler), else the
-    tiled path, which keeps the work in cache. Both CPU paths read a summary of the mask on the host once per
-    mask object (free on a CPU, a sync on a GPU). `native` insists on the fused kernel.
+    tiled path, which keeps the work in cache. Both CPU paths read a summary of the mask on the host (free on
+    a CPU, a sync on a GPU): once per pass when the mask comes as the backbone's `PassMask`, on every call for a
+    bare tensor. `native` insists on the fused kernel.
     """
     if implementation == "auto":
         if q.is_cuda:
@@ -268,16 +271,14 @@ def hstu_attention(
         else:
             implementation = "native" if hstu_native.supports(q, k, v, bias) else "tiled"
     if implementation == "reference":
-        return hstu_attention_reference(q, k, v, mask, bias, normaliser)
+        return hstu_attention_reference(q, k, v, mask_tensor(mask), bias, normaliser)
     if implementation not in ("tiled", "native"):
         raise ValueError(
             f"unknown HSTU attention implementation {implementation!r}; expected auto, native, tiled or reference"
         )
-    shape = (q.shape[0], q.shape[2], k.shape[2])
-    if mask.shape != shape:
-        mask = mask.expand(shape)  # a broadcast mask: both CPU paths index it per batch element
     if implementation == "tiled":
-        return _TiledHSTUAttention.apply(q, k, v, mask, bias, normaliser)
+        tensor = _broadcast_mask(mask, q, k)
+        return _TiledHSTUAttention.apply(q, k, v, _plan(mask, tensor, q.shape[1], q.dtype), bias, normaliser)
     if not hstu_native.supports(q, k, v, bias):
         raise ValueError(
             "attention_implementation='native' needs float32 CPU tensors, head widths of at most "

@@ -30,13 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from persrec.models.mask_cache import MaskCache
+from persrec.models.mask_cache import PassMask, derived, mask_tensor
 
 # Widest head (query/key or value width) the kernel is compiled for: its per-head vectors live in registers,
 # and wide heads are where the tiled path's GEMMs are efficient anyway.
 MAX_HEAD_DIM = 32
 # Set to 0 to never build or use the kernel.
 ENV_SWITCH = "PERSREC_NATIVE_KERNELS"
+# The kernel visits keys in blocks of this many; its mask and bias rows are padded to a multiple of it.
+KEY_ALIGN = 8
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -309,12 +311,33 @@ def supports(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> bool:
     return dk <= MAX_HEAD_DIM and dv <= MAX_HEAD_DIM and _library(dk, dv) is not None
 
 
-_layouts = MaskCache()
+def _mask_layout(mask: Tensor | PassMask, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """mask [B, L, S] bool (or broadcastable to `shape`) -> (mask padded to [B, L, S8], first [L], stop [L]
+    int32 key-slot bounds); once per pass for a `PassMask`."""
+    keys8 = padded_keys(shape[2])
+
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        tensor = mask_tensor(mask)
+        return _build_mask_layout(tensor if tensor.shape == shape else tensor.expand(shape), keys8)
+
+    return derived(mask, ("native layout", shape), build)
 
 
-def _mask_layout(mask: Tensor, keys8: int) -> tuple[Tensor, Tensor, Tensor]:
-    """mask [B, L, S] bool -> (mask padded to [B, L, S8], first [L], stop [L] int32 key-slot bounds)."""
-    return _layouts.get(mask, keys8, lambda: _build_mask_layout(mask, keys8))
+def padded_keys(keys: int) -> int:
+    """The kernel's row width for `keys` key slots (rounded up to KEY_ALIGN)."""
+    return -(-keys // KEY_ALIGN) * KEY_ALIGN
+
+
+def _padded_bias(bias: Tensor, keys8: int) -> Tensor:
+    """bias [B, L, S] as the kernel reads it, a contiguous [B, L, S8]. A bias that is already the first S
+    columns of such a tensor (as `persrec.models.hstu` builds it) is used in place, padding included: the
+    padded mask hides those columns, so any finite values there leave the results unchanged."""
+    batch, length, keys = bias.shape
+    if bias.stride() == (length * keys8, keys8, 1):
+        needed = (bias.storage_offset() + batch * length * keys8) * bias.element_size()
+        if bias.untyped_storage().nbytes() >= needed:
+            return bias.as_strided((batch, length, keys8), (length * keys8, keys8, 1))
+    return F.pad(bias, (0, keys8 - keys)).contiguous()
 
 
 def _build_mask_layout(mask: Tensor, keys8: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -383,17 +406,17 @@ class _NativeHSTUAttention(torch.autograd.Function):
     and outputs written in place through their strides; keys and values are packed into key blocks once."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, normaliser):  # noqa: D102
+    def forward(ctx, q, k, v, layout, bias, normaliser):  # noqa: D102
         batch, heads, length, dk = q.shape
         keys, dv = k.shape[2], v.shape[3]
-        keys8 = -(-keys // 8) * 8
+        keys8 = padded_keys(keys)
         library = _library(dk, dv)
-        mask8, first, stop = _mask_layout(mask, keys8)
+        mask8, first, stop = layout
         q, k, v = _readable(q), _readable(k), _readable(v)
         kv = q.new_empty(batch * heads, keys8 // 8, dk + dv, 8)
         pack = (_ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(kv))
         _run_parallel(library, "hstu_pack", batch * heads, heads, keys, keys8, *pack)
-        bias8 = None if bias is None else F.pad(bias, (0, keys8 - keys)).contiguous()
+        bias8 = None if bias is None else _padded_bias(bias, keys8)
         out = _rows_major(batch, heads, length, dv, q)
         layout = (_ptr(kv), _ptr(mask8), _ptr(bias8), _ptr(first), _ptr(stop))
         io = (1.0 / normaliser, _ptr(out), _strides(out))
@@ -430,7 +453,9 @@ class _NativeHSTUAttention(torch.autograd.Function):
 
 
 def native_hstu_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, normaliser: float
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | PassMask, bias: Tensor | None, normaliser: float
 ) -> Tensor:
-    """The fused kernel; call only where `supports(q, k, v, bias)` is True. mask: [B, L, S] bool."""
-    return _NativeHSTUAttention.apply(q, k, v, mask, bias, normaliser)
+    """The fused kernel; call only where `supports(q, k, v, bias)` is True. mask: [B, L, S] bool or broadcastable
+    to it, bare or as the pass's `PassMask` (whose padded copy and key bounds are then built once per pass)."""
+    layout = _mask_layout(mask, (q.shape[0], q.shape[2], k.shape[2]))
+    return _NativeHSTUAttention.apply(q, k, v, layout, bias, normaliser)

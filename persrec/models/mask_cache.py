@@ -1,13 +1,18 @@
-"""A one-entry cache for values derived from an attention mask.
+"""The attention mask of one forward pass, with what the attention kernels derive from it.
 
-Every layer of a forward pass receives the same mask object, and the attention kernels summarise it on the host
-(which key blocks each query block may see). Caching that summary per mask object turns one summary per layer
-into one per pass, without changing any signature between the model and the kernels.
+Every layer of a pass attends under the same mask, and the CPU attention kernels summarise it on the host
+(which key blocks each query block may see, a byte copy padded for the fused kernel). The backbone wraps the
+mask in a `PassMask` once per pass and hands that object to every layer, so each summary is built by the first
+layer that needs it and reused by the others.
+
+Why not a cache keyed by the mask tensor: a mask modified in place could then be served a stale summary, and
+the only guard, the version counter, does not exist for inference tensors (`torch.inference_mode`, the serving
+path), which can still be modified in place inside inference mode. A `PassMask` lives for one pass and is never
+looked up by identity, so it is sound for every kind of tensor.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -16,23 +21,30 @@ from torch import Tensor
 T = TypeVar("T")
 
 
-class MaskCache:
-    """Remembers one value computed from a mask while the same, unmodified mask object comes back."""
+class PassMask:
+    """A boolean mask [B, L, S] shared by the layers of one pass, plus the values derived from it so far.
 
-    def __init__(self) -> None:
-        self._entry: tuple[weakref.ref, int, object, object] | None = None
+    The mask must not change while the object is in use (the backbone builds a new one for every pass).
+    """
 
-    def get(self, mask: Tensor, key: object, build: Callable[[], T]) -> T:
-        """The cached value for (mask, key), or `build()` (remembered) when the mask or key changed.
+    __slots__ = ("tensor", "_derived")
 
-        A mask modified in place is noticed through its version counter; inference tensors have none, so for
-        them the value is always rebuilt.
-        """
-        if mask.is_inference():
-            return build()
-        entry = self._entry
-        if entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == key:
-            return entry[3]  # type: ignore[return-value]
-        value = build()
-        self._entry = (weakref.ref(mask), mask._version, key, value)
-        return value
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self._derived: dict[object, object] = {}
+
+    def derived(self, key: object, build: Callable[[], T]) -> T:
+        """The value stored under `key`, or `build()` stored now (the first layer that asks pays for it)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]  # type: ignore[return-value]
+
+
+def mask_tensor(mask: Tensor | PassMask) -> Tensor:
+    """The boolean mask itself, whether passed bare or wrapped for a pass."""
+    return mask.tensor if isinstance(mask, PassMask) else mask
+
+
+def derived(mask: Tensor | PassMask, key: object, build: Callable[[], T]) -> T:
+    """`build()`, computed once per pass for a `PassMask` and on every call for a bare tensor."""
+    return mask.derived(key, build) if isinstance(mask, PassMask) else build()

@@ -7,15 +7,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from persrec.models.base import BackboneConfig, SequenceBackbone
-from persrec.models.mask_cache import MaskCache
+from persrec.models.mask_cache import PassMask, derived, mask_tensor
 
 # Query rows per attention call on a CPU. PyTorch's CPU attention kernels visit every key a call is given, so
 # the queries are split into blocks and each block only gets the key range its mask rows allow: half the work
 # of a causal mask, less under expert tokens (recent items skip the old history). 64 measured best on 2 cores.
 QUERY_BLOCK = 64
-
-# Key ranges of recent masks: the layers of one pass share a mask, so the host-side summary runs once a pass.
-_ranges = MaskCache()
 
 
 def _block_ranges(mask: Tensor, rows: int) -> list[tuple[int, int, int, int]]:
@@ -37,20 +34,22 @@ def _block_ranges(mask: Tensor, rows: int) -> list[tuple[int, int, int, int]]:
     return ranges
 
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | PassMask, dropout_p: float) -> Tensor:
     """Scaled dot-product attention under a boolean mask [B, L, S]: q [B, H, L, d], k/v [B, H, S, d].
 
     On a CPU without attention dropout it runs in query blocks over their visible key ranges (same result up to
     float rounding); otherwise (GPU kernels, or dropout, whose random stream must not depend on the blocking)
-    in one call.
+    in one call. The key ranges are read from the mask on the host: once per pass for the backbone's
+    `PassMask`, on every call for a bare tensor.
     """
     length = q.shape[2]
+    tensor = mask_tensor(mask)
     if q.is_cuda or dropout_p > 0 or length <= QUERY_BLOCK:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout_p)
-    ranges = _ranges.get(mask, QUERY_BLOCK, lambda: _block_ranges(mask, QUERY_BLOCK))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=tensor[:, None], dropout_p=dropout_p)
+    ranges = derived(mask, ("query blocks", QUERY_BLOCK), lambda: _block_ranges(tensor, QUERY_BLOCK))
     blocks = [
         F.scaled_dot_product_attention(
-            q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask[:, None, q0:q1, k0:k1]
+            q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=tensor[:, None, q0:q1, k0:k1]
         )
         for q0, q1, k0, k1 in ranges
     ]
@@ -74,7 +73,7 @@ class SASRecLayer(nn.Module):
         self.attn_dropout = config.attn_dropout
 
     def forward(
-        self, x: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None
+        self, x: Tensor, mask: Tensor | PassMask, past: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x: [B, L, D]; mask: [B, L, S] bool with S = cached + L."""
         batch, length, dim = x.shape
@@ -99,7 +98,7 @@ class SASRec(SequenceBackbone):
         self,
         layer: nn.Module,
         hidden: Tensor,
-        mask: Tensor,
+        mask: PassMask,
         past: tuple[Tensor, Tensor] | None,
         context: dict,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
