@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from persrec.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -34,14 +36,25 @@ class DistributedContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks this process's CUDA device when there is one, else the CPU."""
+    """`auto` picks this process's CUDA device when there is one, else the CPU.
+
+    A device this machine lacks is a ConfigError naming `--device`, so the command line reports it in one line
+    before anything is built.
+    """
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} was requested but CUDA is not available; use device=cpu or auto")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
     return device
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from persrec.atomic import atomic_write_json
+from persrec.config import ConfigError
 from persrec.data.datasets.movielens import (
     INTERACTIONS_FILE,
     ITEMS_FILE,
@@ -224,4 +225,8 @@ def resolve_dataset(
         raise FileNotFoundError(f"no prepared dataset at {path}; known dataset names: {known}")
     close = difflib.get_close_matches(name, list(DATASETS), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown dataset {text!r}: not a prepared dataset directory nor one of: {known}.{hint}")
+    # A ConfigError (a ValueError) so that the command line reports it in one line naming the option.
+    raise ConfigError(
+        f"--dataset {text!r}: expected a named dataset ({known}) or the path of a prepared dataset directory "
+        f"(one holding {MANIFEST_FILE}, written by persrec prepare).{hint}"
+    )
