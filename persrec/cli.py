@@ -2,18 +2,84 @@
 
 Training flags follow the original PerSRec/HLLM scripts: `persrec train --config_file a.yaml b.yaml --loss nce
 --epochs 5 --dataset ml-1m --optim_args.learning_rate 1e-3`. Any config key is a flag (`--key value`, dotted for
-sections); `persrec train --help` lists them with their defaults.
+sections); `persrec train --help` lists them with their types, defaults and documentation. A mistake (an unknown
+key, a value out of range, a missing file) ends the command with exit status 2 and one `persrec: ...` line on
+stderr, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import difflib
+import os
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any, NoReturn
 
-from persrec.config import Config, ConfigError, OptimArgs, load_config, parse_cli_overrides
+from persrec import __version__
+from persrec.config import (
+    COMMAND_LINE,
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_reference,
+    format_value,
+    load_config,
+    parse_cli_overrides,
+)
 from persrec.data.schema import DataValidationError
+
+CONFIG_FLAGS_USAGE = "[--config_file A.yaml [B.yaml ...]] [--key value ...]"
+
+
+class UsageError(ConfigError):
+    """A command's own options were misused (argparse's complaint, as one line)."""
+
+
+class _ParserExit(Exception):
+    """argparse finished early (after --help): leave `main` with this status instead of SystemExit."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the epilog's layout and show each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and not action.required
+            and not any(default is skip for skip in (None, False, argparse.SUPPRESS))
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one `persrec: ...` line and exit status 2, like every other mistake."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        # argparse prints nothing, not even the default, for an option without help text.
+        if kwargs.get("help") is None and not any(kwargs.get("default") is v for v in (None, False)):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog.removeprefix('persrec ')}: {message}; see {self.prog} --help")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            print(message.strip(), file=sys.stderr if status else sys.stdout)
+        raise _ParserExit(status)
 
 
 def _split_config_files(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -24,25 +90,29 @@ def _split_config_files(argv: list[str]) -> tuple[list[str], list[str]]:
     while index < len(argv):
         if argv[index] in ("--config_file", "--config-file"):
             index += 1
+            start = index
             while index < len(argv) and not argv[index].startswith("--"):
                 files.append(argv[index])
                 index += 1
+            if index == start:
+                raise ConfigError("--config_file: expected one or more YAML files after it")
         else:
             rest.append(argv[index])
             index += 1
     return files, rest
 
 
-def _config_help() -> str:
-    lines = ["config keys (as --key value; defaults shown):"]
-    for f in dataclasses.fields(Config):
-        if f.name == "optim_args":
-            for inner in dataclasses.fields(OptimArgs):
-                lines.append(f"  --optim_args.{inner.name} {inner.default}")
+def _config_help(base: Config | None = None, sections: tuple[str, ...] | None = None) -> str:
+    """Every config key, grouped by the sections of persrec/config.py, with type, value in `base` and doc."""
+    groups: dict[str, list[str]] = {}
+    for row in config_reference(base):
+        if sections is not None and row.section not in sections:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  --{f.name} {default}")
-    return "\n".join(lines)
+        lines = groups.setdefault(row.section or "other", [])
+        lines.append(f"  --{row.key}  {row.type}, default: {format_value(row.default)}")
+        if row.doc:
+            lines += textwrap.wrap(row.doc, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n\n".join(f"{section}:\n" + "\n".join(lines) for section, lines in groups.items())
 
 
 def config_from_argv(argv: list[str]) -> Config:
@@ -54,6 +124,7 @@ def _run_training(config: Config) -> int:
     from persrec.train.distributed import setup_distributed, teardown_distributed
     from persrec.train.trainer import Trainer
 
+    config.validate()  # before the device, the dataset cache or the run directory is touched
     ctx = setup_distributed(config.device)
     try:
         trainer = Trainer(config, ctx)
@@ -67,9 +138,19 @@ def _run_training(config: Config) -> int:
     return 0
 
 
+def _usage(command: str, summary: str) -> str:
+    text = (
+        f"{summary} Every key below is a flag: --key value, --key=value, or a bare --key for true; dotted for "
+        "sections (--optim_args.learning_rate 1e-3). Precedence: defaults, then each --config_file in order, "
+        "then flags. Values are checked before anything is written; an unknown key gets the closest one suggested."
+    )
+    return f"usage: persrec {command} {CONFIG_FLAGS_USAGE}\n\n{textwrap.fill(text, width=110)}\n"
+
+
 def cmd_train(argv: list[str]) -> int:
+    """Train a model (or resume a run) from config files and flags."""
     if "-h" in argv or "--help" in argv:
-        print("usage: persrec train [--config_file A.yaml [B.yaml ...]] [--key value ...]\n")
+        print(_usage("train", "Train a model, or continue a run with --resume."))
         print(_config_help())
         return 0
     return _run_training(config_from_argv(argv))
@@ -80,22 +161,56 @@ def cmd_quickstart(argv: list[str]) -> int:
     from importlib.resources import files
 
     quick = files("persrec") / "configs" / "quickstart.yaml"
+    if "-h" in argv or "--help" in argv:
+        summary = f"Train HSTU on the embedded MovieLens latest-small in a few CPU minutes ({quick})."
+        print(_usage("quickstart", summary))
+        print("Defaults shown are the quickstart's settings.\n")
+        print(_config_help(load_config([str(quick)])))
+        return 0
     return _run_training(load_config([str(quick)], parse_cli_overrides(argv)))
 
 
+def _check_evaluation(path: Path, overrides: dict[str, str]) -> None:
+    """Fail naming the path or the flag before the dataset and the model are built."""
+    from persrec.eval.evaluate_checkpoint import find_weights
+
+    if not path.exists():
+        raise ConfigError(
+            f"{path} does not exist; expected a run directory, a checkpoint directory or a .safetensors file"
+        )
+    config_file = find_weights(path).parent / "config.yaml"
+    if config_file.is_file():
+        config = apply_overrides(load_config([config_file]), overrides, where=COMMAND_LINE)
+        config.validate(training=False)
+
+
 def cmd_evaluate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="persrec evaluate", description="Evaluate a checkpoint.")
+    """Re-score saved weights on the validation and test splits."""
+    parser = CommandParser(
+        prog="persrec evaluate",
+        description="Re-score saved weights on the validation and test splits (full ranking over all items).",
+        epilog=(
+            "Config keys may follow to override the checkpoint's config.yaml, e.g. --filter_seen true --topk 10,50\n"
+            "--device cpu --eval_batch_size 64 (all keys: persrec train --help). The evaluation keys, with the\n"
+            "defaults of a new run (a checkpoint keeps its own values):\n\n"
+        )
+        + _config_help(sections=("evaluation",)),
+    )
     parser.add_argument(
-        "checkpoint", type=Path, help="run directory, checkpoint directory or best/ directory"
+        "checkpoint",
+        type=Path,
+        help="run directory (its best weights), checkpoint directory, best/ directory or .safetensors file",
     )
     args, rest = parser.parse_known_args(argv)
+    overrides = parse_cli_overrides(rest)
+    _check_evaluation(args.checkpoint, overrides)
     from persrec.eval.evaluate_checkpoint import evaluate_checkpoint
 
-    return evaluate_checkpoint(args.checkpoint, parse_cli_overrides(rest))
+    return evaluate_checkpoint(args.checkpoint, overrides)
 
 
 def cmd_prepare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="persrec prepare", description="Build a prepared dataset directory from interaction parquet."
     )
     parser.add_argument("--input", required=True, type=Path, help="interactions parquet file or directory")
@@ -153,9 +268,7 @@ def cmd_prepare(argv: list[str]) -> int:
 
 
 def cmd_convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="persrec convert", description="Convert a CSV/TSV/.dat file to parquet."
-    )
+    parser = CommandParser(prog="persrec convert", description="Convert a CSV/TSV/.dat file to parquet.")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--delimiter", help="default: sniffed (',', tab or '::')")
@@ -193,20 +306,62 @@ COMMANDS = {
 }
 
 
+# One line each for `persrec --help`.
+COMMAND_SUMMARIES = {
+    "quickstart": "train HSTU on the embedded MovieLens latest-small in a few CPU minutes",
+    "train": "train a model or resume a run (persrec train --help lists every config key)",
+    "evaluate": "re-score a run's or a checkpoint's weights on the validation and test splits",
+    "prepare": "build a prepared dataset directory from interaction parquet",
+    "convert": "convert a CSV/TSV/.dat file to parquet",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: persrec <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {COMMAND_SUMMARIES[name]}" for name in COMMANDS]
+    lines += ["", "persrec <command> --help shows its options; persrec --version prints the version."]
+    return "\n".join(lines)
+
+
+def _report(message: str) -> int:
+    """One `persrec: ...` line on stderr (newlines folded, so scripts can grep it) and the usage status 2."""
+    print("persrec: " + " ".join(message.split()), file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: persrec {{{'|'.join(COMMANDS)}}} ...  (persrec <command> --help for details)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"persrec {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return _report(
+            f"unknown command {argv[0]!r}; {hint}expected one of: {', '.join(COMMANDS)} (see persrec --help)"
+        )
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except _ParserExit as done:  # --help of an argparse command
+        return done.status
     except ConfigError as error:
-        print(f"persrec: configuration error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, DataValidationError) as error:
+        return _report(str(error))
+    except (
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        DataValidationError,
+    ) as error:
         # Bad input files get their message, not a traceback.
-        print(f"persrec: error: {error}", file=sys.stderr)
-        return 2
+        return _report(f"error: {error}")
+    except BrokenPipeError:  # `persrec train --help | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
