@@ -3,8 +3,11 @@
 import csv
 
 import pyarrow.parquet as pq
+import pytest
 
+from persrec import __version__
 from persrec.cli import main
+from persrec.config import config_reference
 from tests.conftest import tiny_overrides
 
 
@@ -63,3 +66,54 @@ def test_tensorboard_logger(tiny_dataset, tmp_path):
     ]
     assert main(["train", *flags]) == 0
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_usage_version_and_unknown_command(capsys):
+    for argv in ([], ["--help"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: persrec <command>")
+        assert all(
+            f"  {command}" in out for command in ("quickstart", "train", "evaluate", "prepare", "convert")
+        )
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"persrec {__version__}"
+    assert main(["foo"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("persrec: unknown command 'foo'")
+    assert "train, evaluate" in captured.err
+
+
+def test_train_help_lists_every_key_with_type_default_and_doc(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for row in config_reference():
+        assert f"  --{row.key}  {row.type}, default: " in out, row.key
+    assert "  --optim_args.learning_rate  float, default: 0.001\n      AdamW learning rate" in out
+    assert "  --topk  list of int, default: 5,10,50,200\n" in out
+    headers = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headers[:4] == ["data:", "model:", "personalized experts (PerSRec):", "loss:"]
+    assert "optimiser (optim_args.*):" in headers and "evaluation:" in headers
+
+
+def test_quickstart_help_shows_the_quickstart_settings(capsys):
+    assert main(["quickstart", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: persrec quickstart")
+    assert "  --valid_metric  str, default: recall@50\n" in out  # from quickstart.yaml, not Config()
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("evaluate", ["checkpoint", "--filter_seen  bool, default: false", "--topk"]),
+        ("prepare", ["--input", "--user_col USER_COL   (default: user_id)", "(default: 3GB)"]),
+        ("convert", ["input", "output", "--encoding ENCODING", "(default: utf-8)"]),
+    ],
+)
+def test_argparse_commands_list_options_with_defaults(command, expected, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: persrec {command}")
+    for text in expected:
+        assert text in out, text

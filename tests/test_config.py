@@ -1,9 +1,22 @@
-"""Config precedence, typing of command-line values, and helpful errors for mistakes."""
+"""Config precedence, typing of command-line values, validation, the key reference and helpful errors."""
+
+import dataclasses
+from importlib.resources import files
 
 import pytest
 
 from persrec.cli import config_from_argv
-from persrec.config import Config, ConfigError, load_config, parse_cli_overrides
+from persrec.config import (
+    Config,
+    ConfigError,
+    OptimArgs,
+    config_keys,
+    config_reference,
+    load_config,
+    measured_metrics,
+    parse_cli_overrides,
+    suggest_key,
+)
 
 
 def test_defaults_then_files_in_order_then_command_line(tmp_path):
@@ -41,12 +54,15 @@ def test_bare_flag_and_equals_form():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"epoch": 3}, "did you mean 'epochs'"),
-        ({"learning_rate": 1}, "did you mean 'optim_args.learning_rate'"),
-        ({"optim_args.learning_rat": 1}, "did you mean 'learning_rate'"),
-        ({"epochs": "many"}, "epochs: expected int"),
-        ({"fix_temp": "maybe"}, "fix_temp: expected true or false"),
-        ({"optim_args": 3}, "optim_args"),
+        ({"epoch": 3}, "unknown option --epoch; did you mean --epochs\\?"),
+        ({"learning_rate": 1}, "did you mean --optim_args.learning_rate\\?"),
+        ({"optim_args.learning_rat": 1}, "did you mean --optim_args.learning_rate\\?"),
+        ({"optim_args.epochs": 1}, "did you mean --epochs\\?"),
+        ({"epochs.x": 1}, "unknown option --epochs.x; did you mean --epochs\\?"),
+        ({"epochs": "many"}, "--epochs: expected int"),
+        ({"topk": "a,b"}, "--topk: expected int, got 'a'"),
+        ({"fix_temp": "maybe"}, "--fix_temp: expected true or false"),
+        ({"optim_args": 3}, "--optim_args is a section"),
     ],
 )
 def test_mistakes_are_named(overrides, message):
@@ -68,3 +84,87 @@ def test_missing_file_and_non_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config([path])
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("epochs: 3\nn_layers: x: 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:2:12: invalid YAML: mapping values"):
+        load_config([path])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config([tmp_path])
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("max_item_list_length", "MAX_ITEM_LIST_LENGTH"),
+        ("Epochs", "epochs"),
+        ("learning_rate", "optim_args.learning_rate"),
+        ("optim_args.learningrate", "optim_args.learning_rate"),
+        ("OPTIM_ARGS.BETA1", "optim_args.beta1"),
+        ("n_layer", "n_layers"),
+        ("optim_args.seed", "seed"),
+        ("zzzz", None),
+    ],
+)
+def test_suggestions_are_valid_as_typed(typed, meant):
+    assert suggest_key(typed) == meant
+    assert meant is None or meant in config_keys()
+
+
+def test_the_defaults_and_every_shipped_config_validate():
+    Config().validate()
+    for path in (files("persrec") / "configs").iterdir():
+        if path.name.endswith(".yaml"):
+            load_config([str(path)]).validate()
+
+
+def test_measured_metrics_follow_topk():
+    assert measured_metrics([10]) == ["recall@10", "ndcg@10", "mrr", "hr@10"]
+    load_config(overrides={"topk": "10", "valid_metric": "hr@10"}).validate()
+    with pytest.raises(ConfigError, match="--valid_metric.*add 50 to --topk"):
+        load_config(overrides={"topk": "10", "valid_metric": "recall@50"}).validate()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"optim_args.weight_decay": -1}, "--optim_args.weight_decay: expected a number >= 0, got -1.0"),
+        ({"initializer_range": 0}, "--initializer_range"),
+        ({"collision_cosine_threshold": 2}, "--collision_cosine_threshold"),
+        ({"stale_experts": "-1"}, "--stale_experts"),
+        ({"train_feat_max_length": 0}, "--train_feat_max_length: expected an integer >= 1"),
+        ({"precision": "FP32"}, "did you mean 'fp32'"),
+    ],
+)
+def test_values_out_of_range_name_the_flag(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides).validate()
+
+
+def test_evaluation_validation_skips_training_only_keys():
+    config = load_config(overrides={"topk": "5", "logger": "tensorboard"})
+    config.validate(training=False)  # valid_metric ndcg@10 is not measured, but evaluate does not use it
+    with pytest.raises(ConfigError, match="--valid_metric"):
+        config.validate()
+
+
+def test_every_key_is_documented_once_in_a_section():
+    rows = config_reference()
+    assert [row.key for row in rows] == config_keys()
+    undocumented = [row.key for row in rows if not row.doc]
+    assert not undocumented, f"add a comment above these fields in persrec/config.py: {undocumented}"
+    sections = list(dict.fromkeys(row.section for row in rows))
+    assert sections[:4] == ["data", "model", "personalized experts (PerSRec)", "loss"]
+    assert {"training", "optimiser (optim_args.*)", "evaluation"} <= set(sections)
+    assert any("logging" in section for section in sections)
+    by_key = {row.key: row for row in rows}
+    assert by_key["optim_args.learning_rate"].default == OptimArgs().learning_rate
+    assert by_key["topk"].type == "list of int" and by_key["run_name"].type == "str or none"
+    # A comment documents the fields right below it with no line in between.
+    assert by_key["hstu_v_dim"].doc == by_key["hstu_qk_dim"].doc
+    assert len(rows) == sum(
+        len(dataclasses.fields(OptimArgs)) if f.name == "optim_args" else 1
+        for f in dataclasses.fields(Config)
+    )

@@ -1,0 +1,288 @@
+"""Every user mistake ends the same way: exit status 2, one `persrec: ...` line naming the option or file and
+what was expected, no traceback, and nothing written under the run's checkpoint_dir.
+
+The cases go through the real entry point (`persrec.cli.main`). To add one, append a `Case` to `CASES`: `argv`
+may use `{tmp}` (the case's own directory, also its checkpoint_dir) and `{data}` (a tiny prepared dataset), and
+`setup` may create files or patch the environment first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from persrec.cli import main
+from persrec.config import load_config, save_config
+from tests.conftest import tiny_overrides
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a case's setup may use: its directory, the tiny dataset and pytest's monkeypatch."""
+
+    tmp: Path
+    data: Path
+    monkeypatch: pytest.MonkeyPatch
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: list[str]
+    # A substring of the one error line: the option or file named, or what was expected.
+    expect: str
+    setup: Callable[[Env], None] | None = None
+
+
+def _flags(overrides: dict[str, object]) -> list[str]:
+    flags: list[str] = []
+    for key, value in overrides.items():
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        flags += [f"--{key}", text]
+    return flags
+
+
+# A run on the tiny dataset that would train in seconds, written under the case's directory.
+TINY = _flags(tiny_overrides(Path("{data}"), Path("{tmp}"), epochs=1))
+EXPERTS = [
+    *("--number_of_user_tokens", "2", "--pretrain_item_num", "8", "--recent_item_num", "8"),
+]
+
+
+def train(*flags: str) -> list[str]:
+    """`persrec train` of the tiny run with `flags` added (later flags win)."""
+    return ["train", *TINY, *flags]
+
+
+def write(relative: str, text: str | bytes) -> Callable[[Env], None]:
+    """A setup that writes `text` to `{tmp}/relative`."""
+
+    def setup(env: Env) -> None:
+        path = env.tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+
+    return setup
+
+
+def saved_run(weights: str | None, **config: object) -> Callable[[Env], None]:
+    """A setup that leaves `{tmp}/saved/` as a checkpoint of the tiny model.
+
+    weights: "garbage" (not safetensors), "other" (weights of a model of another width) or None (none).
+    """
+
+    def setup(env: Env) -> None:
+        from persrec.data.store import PreparedDataset
+        from persrec.train.build import build_model
+        from persrec.train.checkpoint import save_weights
+
+        folder = env.tmp / "saved"
+        folder.mkdir()
+        settings = load_config(overrides=tiny_overrides(env.data, env.tmp, **config))
+        save_config(settings, folder / "config.yaml")
+        if weights == "garbage":
+            (folder / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+        elif weights == "other":
+            store = PreparedDataset.open(env.data)
+            model = build_model(settings.replace(item_embedding_size=8), store.num_items, store.num_users)
+            save_weights(model, folder / "model.safetensors")
+
+    return setup
+
+
+def without_tensorboard(env: Env) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name == "tensorboard" else real(name, *args, **kwargs)
+
+    env.monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def without_cuda(env: Env) -> None:
+    env.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+CASES = [
+    # ---- config values ----
+    Case(
+        "train_batch_size 0", train("--train_batch_size", "0"), "--train_batch_size: expected an integer >= 1"
+    ),
+    Case("eval_batch_size -1", train("--eval_batch_size", "-1"), "--eval_batch_size"),
+    Case("num_negatives -1", train("--num_negatives", "-1"), "--num_negatives: expected an integer >= 0"),
+    Case("temperature 0", train("--temperature", "0"), "--temperature: expected a number > 0"),
+    Case("temperature nan", train("--temperature", "nan"), "--temperature: expected a finite number"),
+    Case("learning rate < 0", train("--optim_args.learning_rate", "-1e-3"), "--optim_args.learning_rate"),
+    Case("eps 0", train("--optim_args.eps", "0"), "--optim_args.eps: expected a number > 0"),
+    Case("beta1 1", train("--optim_args.beta1", "1"), "--optim_args.beta1: expected a number in [0, 1)"),
+    Case("beta2 < 0", train("--optim_args.beta2", "-0.1"), "--optim_args.beta2"),
+    Case("warmup_steps -1", train("--optim_args.warmup_steps", "-1"), "--optim_args.warmup_steps"),
+    Case("max_grad_norm -1", train("--optim_args.max_grad_norm", "-1"), "--optim_args.max_grad_norm"),
+    Case("min_lr_ratio 1.5", train("--optim_args.min_lr_ratio", "1.5"), "--optim_args.min_lr_ratio"),
+    Case("scheduler", train("--optim_args.scheduler", "linear"), "--optim_args.scheduler: expected one of"),
+    Case("eval_interval 0", train("--eval_interval", "0"), "--eval_interval"),
+    Case("topk empty", train("--topk", "[]"), "--topk: expected distinct cutoffs"),
+    Case("topk 0", train("--topk", "10,0"), "--topk"),
+    Case("topk repeated", train("--topk", "10,10"), "--topk"),
+    Case("topk unparsable", train("--topk", "[5, 10"), "--topk: expected list of int"),
+    Case("item_embedding_size 0", train("--item_embedding_size", "0"), "--item_embedding_size"),
+    Case("n_layers 0", train("--n_layers", "0"), "--n_layers"),
+    Case("n_heads 0", train("--n_heads", "0"), "--n_heads"),
+    Case("n_heads not a divisor", train("--n_heads", "3"), "--n_heads: expected a divisor"),
+    Case("MAX_ITEM_LIST_LENGTH 0", train("--MAX_ITEM_LIST_LENGTH", "0"), "--MAX_ITEM_LIST_LENGTH"),
+    Case("inner_size -1", train("--inner_size", "-1"), "--inner_size"),
+    Case("hstu_qk_dim -1", train("--hstu_qk_dim", "-4"), "--hstu_qk_dim"),
+    Case("epochs -1", train("--epochs", "-1"), "--epochs"),
+    Case("epochs not a number", train("--epochs", "many"), "--epochs: expected int, got 'many'"),
+    Case("number_of_user_tokens -1", train("--number_of_user_tokens", "-1"), "--number_of_user_tokens"),
+    Case("stopping_step -1", train("--stopping_step", "-1"), "--stopping_step"),
+    Case("save_every_steps -1", train("--save_every_steps", "-1"), "--save_every_steps"),
+    Case("max_steps -1", train("--max_steps", "-1"), "--max_steps"),
+    Case("num_workers -1", train("--num_workers", "-1"), "--num_workers"),
+    Case(
+        "hidden dropout 1",
+        train("--hidden_dropout_prob", "1"),
+        "--hidden_dropout_prob: expected a probability",
+    ),
+    Case("attn dropout < 0", train("--attn_dropout_prob", "-0.1"), "--attn_dropout_prob"),
+    Case("item_dropout 1.5", train(*EXPERTS, "--item_dropout", "1.5"), "--item_dropout"),
+    Case("bool", train("--fix_temp", "maybe"), "--fix_temp: expected true or false"),
+    Case("logger", train("--logger", "wandb"), "--logger: expected one of csv, tensorboard, none"),
+    Case("precision", train("--precision", "fp16"), "--precision: expected one of auto, fp32, bf16"),
+    Case("attention kernel", train("--attention_implementation", "flash"), "--attention_implementation"),
+    Case("model", train("--model", "GRU4Rec"), "--model: unknown model 'GRU4Rec'"),
+    Case("loss", train("--loss", "bpr"), "--loss: expected one of nce"),
+    Case("valid_metric cutoff", train("--valid_metric", "ndcg@50"), "add 50 to --topk"),
+    Case("valid_metric case", train("--valid_metric", "NDCG@10"), "did you mean 'ndcg@10'"),
+    Case("valid_metric name", train("--valid_metric", "auc"), "--valid_metric: 'auc' is not measured"),
+    Case("item_start_position", train("--item_start_position", "40"), "--item_start_position"),
+    Case("experts without tokens", train("--model", "PersonalizedHSTU"), "--number_of_user_tokens"),
+    Case("P + R", train(*EXPERTS, "--recent_item_num", "4"), "--MAX_ITEM_LIST_LENGTH 16"),
+    Case(
+        "insert_method not JSON", train(*EXPERTS, "--insert_method", "after8"), "--insert_method: expected 0"
+    ),
+    Case("insert_method pairs", train(*EXPERTS, "--insert_method", "[8, 2]"), "--insert_method: expected 0"),
+    Case("insert_method counts", train(*EXPERTS, "--insert_method", "[[8, 1]]"), "--insert_method [[8, 1]]"),
+    Case("checkpoint_dir a file", train("--checkpoint_dir", "{tmp}/f"), "--checkpoint_dir", write("f", "x")),
+    # ---- unknown keys and suggestions ----
+    Case("key case", train("--max_item_list_length", "8"), "did you mean --MAX_ITEM_LIST_LENGTH?"),
+    Case("section missing", train("--learning_rate", "1"), "did you mean --optim_args.learning_rate?"),
+    Case(
+        "section field", train("--optim_args.learningrate", "1"), "did you mean --optim_args.learning_rate?"
+    ),
+    Case("typo", train("--epoch", "3"), "unknown option --epoch; did you mean --epochs?"),
+    Case("section as value", train("--optim_args", "3"), "--optim_args is a section"),
+    Case("stray argument", train("stray"), "unexpected argument 'stray'"),
+    Case("quickstart key", ["quickstart", "--checkpoint_dir", "{tmp}", "--epochz", "1"], "--epochs"),
+    # ---- datasets, packages and devices ----
+    Case("dataset name", train("--dataset", "ml-2m"), "named dataset (ml-1m, ml-latest-small, synthetic)"),
+    Case("dataset path", train("--dataset", "{tmp}/nowhere/data"), "no prepared dataset at"),
+    Case("dataset dir", train("--dataset", "{tmp}/raw"), "not a prepared dataset", write("raw/a.csv", "1")),
+    Case(
+        "tensorboard",
+        train("--logger", "tensorboard"),
+        "pip install 'persrec[tensorboard]'",
+        without_tensorboard,
+    ),
+    Case("cuda", train("--device", "cuda"), "--device cuda: CUDA is not available", without_cuda),
+    Case("device name", train("--device", "gpu"), "--device: expected auto, cpu, cuda or cuda:N"),
+    # ---- config files ----
+    Case(
+        "yaml syntax",
+        train("--config_file", "{tmp}/bad.yaml"),
+        "bad.yaml:2:12: invalid YAML: mapping values are not allowed here",
+        write("bad.yaml", "epochs: 3\nn_layers: x: 2\n"),
+    ),
+    Case(
+        "yaml unclosed",
+        train("--config_file", "{tmp}/open.yaml"),
+        "flow sequence started at line 2",
+        write("open.yaml", "epochs: 3\ntopk: [1, 2\n"),
+    ),
+    Case(
+        "yaml list",
+        train("--config_file", "{tmp}/l.yaml"),
+        "l.yaml must hold a mapping",
+        write("l.yaml", "- 1\n"),
+    ),
+    Case("yaml key", train("--config_file", "{tmp}/k.yaml"), "'n_layer' in", write("k.yaml", "n_layer: 2\n")),
+    Case("config_file dir", train("--config_file", "{tmp}"), "is a directory; expected a YAML file"),
+    Case("config_file missing", train("--config_file", "{tmp}/none.yaml"), "none.yaml does not exist"),
+    Case("config_file empty", train("--config_file"), "--config_file: expected one or more YAML files"),
+    # ---- persrec evaluate ----
+    Case("evaluate missing path", ["evaluate", "{tmp}/nope"], "nope does not exist"),
+    Case("evaluate no weights", ["evaluate", "{tmp}/saved"], "no model.safetensors found", saved_run(None)),
+    Case("evaluate override", ["evaluate", "{tmp}/saved", "--topk", "0"], "--topk", saved_run("garbage")),
+    Case(
+        "evaluate compare_cache",
+        ["evaluate", "{tmp}/saved", "--compare_cache", "true"],
+        "--compare_cache needs an expert model",
+        saved_run("garbage"),
+    ),
+    Case(
+        "evaluate no config",
+        ["evaluate", "{tmp}/w"],
+        "config.yaml is missing",
+        write("w/model.safetensors", b"0"),
+    ),
+    Case("evaluate no argument", ["evaluate"], "evaluate: the following arguments are required: checkpoint"),
+    # ---- commands and their own options ----
+    Case("unknown command", ["foo"], "unknown command 'foo'"),
+    Case("command typo", ["evalute", "{tmp}"], "did you mean 'evaluate'?"),
+    Case(
+        "prepare no options", ["prepare"], "prepare: the following arguments are required: --input, --output"
+    ),
+    Case(
+        "prepare int option",
+        ["prepare", "--input", "{tmp}/a", "--output", "{tmp}/b", "--min_user_interactions", "x"],
+        "--min_user_interactions: invalid int value",
+    ),
+    Case(
+        "prepare unknown option",
+        ["prepare", "--input", "{tmp}/a", "--output", "{tmp}/b", "--inptu", "x"],
+        "unrecognized arguments: --inptu",
+    ),
+    Case(
+        "convert one path",
+        ["convert", "{tmp}/a.csv"],
+        "convert: the following arguments are required: output",
+    ),
+]
+
+
+def test_case_names_are_unique() -> None:
+    assert len({case.name for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_mistake_is_one_line_and_exit_2(
+    case: Case,
+    tiny_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if case.setup is not None:
+        case.setup(Env(tmp_path, tiny_dataset, monkeypatch))
+    before = sorted(tmp_path.rglob("*"))
+    argv = [arg.replace("{tmp}", str(tmp_path)).replace("{data}", str(tiny_dataset)) for arg in case.argv]
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse, were it to exit on its own
+        code = exit_.code
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("persrec: "), err
+    assert case.expect in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    assert sorted(tmp_path.rglob("*")) == before, "files were created under checkpoint_dir"
