@@ -120,19 +120,37 @@ def config_from_argv(argv: list[str]) -> Config:
     return load_config(files, parse_cli_overrides(rest))
 
 
-def _run_training(config: Config) -> int:
+def _run_training(files: list[str], overrides: dict[str, str]) -> int:
+    """Train (or resume) the run a command line describes; a signal ends it with a checkpoint, exit 128+N."""
     from persrec.train.distributed import setup_distributed, teardown_distributed
+    from persrec.train.interrupt import TrainingInterrupted
+    from persrec.train.resume import finished_run_message, training_config
     from persrec.train.trainer import Trainer
 
+    config, resume_from = training_config(files, overrides)
     config.validate()  # before the device, the dataset cache or the run directory is touched
+    if (
+        resume_from is not None
+        and not config.val_only
+        and (done := finished_run_message(resume_from, config))
+    ):
+        print(f"persrec: {done}")
+        return 0
     ctx = setup_distributed(config.device)
     try:
-        trainer = Trainer(config, ctx)
+        trainer = Trainer(config, ctx, resume_from)
         if config.val_only:  # the original scripts' flag: score the (resumed or fresh) model, train nothing
             trainer.print_validation()
             return 0
         result = trainer.fit()
         trainer.print_report(result)
+    except TrainingInterrupted as stop:
+        if ctx.is_main:
+            print(
+                f"persrec: {stop}; checkpoint {stop.checkpoint}; resume with: {stop.resume_command}",
+                file=sys.stderr,
+            )
+        return stop.exit_code
     finally:
         teardown_distributed()
     return 0
@@ -153,7 +171,8 @@ def cmd_train(argv: list[str]) -> int:
         print(_usage("train", "Train a model, or continue a run with --resume."))
         print(_config_help())
         return 0
-    return _run_training(config_from_argv(argv))
+    files, rest = _split_config_files(argv)
+    return _run_training(files, parse_cli_overrides(rest))
 
 
 def cmd_quickstart(argv: list[str]) -> int:
@@ -167,7 +186,7 @@ def cmd_quickstart(argv: list[str]) -> int:
         print("Defaults shown are the quickstart's settings.\n")
         print(_config_help(load_config([str(quick)])))
         return 0
-    return _run_training(load_config([str(quick)], parse_cli_overrides(argv)))
+    return _run_training([str(quick)], parse_cli_overrides(argv))
 
 
 def _check_evaluation(path: Path, overrides: dict[str, str]) -> None:
@@ -359,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as error:
         # Bad input files get their message, not a traceback.
         return _report(f"error: {error}")
+    except KeyboardInterrupt:  # before training started (or a second Ctrl-C): nothing to save
+        print("persrec: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `persrec train --help | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

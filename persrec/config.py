@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from persrec.atomic import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration key or value the user has to fix."""
@@ -118,8 +120,10 @@ class Config:
     recent_item_num: int | None = None
     # Predict from history + experts + recent items (true) or from the recent items alone (false).
     predict_with_full_item_seq: bool = True
-    # Probability of hiding each history item during training.
+    # Training: probability of removing each recent-window item (not attended, not a target), in [0, 1).
     item_dropout: float = 0.0
+    # Training: probability of hiding each history item from attention (its target is kept), in [0, 1).
+    history_dropout: float = 0.0
     # Loss on every item target of every segment (true) or on the recent window's targets only.
     loss_on_all_items: bool = True
     # Add a per-user learned offset to the shared expert tokens (users unseen in training use the shared ones).
@@ -197,6 +201,8 @@ class Config:
     val_only: bool = False
     # persrec evaluate, expert models: also score through the full masked pass and show both.
     compare_cache: bool = False
+    # persrec evaluate: score weights on a dataset other than the one they were trained on (refused by default).
+    allow_dataset_mismatch: bool = False
     # persrec evaluate, expert models: staleness study; for each N, experts are compressed from history that
     # ends N interactions before the recent window (as if not refreshed for N interactions).
     stale_experts: list[int] = field(default_factory=list)
@@ -408,7 +414,7 @@ def load_config(files: list[str | Path] | None = None, overrides: dict[str, Any]
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------------- reference

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from persrec.config import ConfigError, apply_overrides, load_config
+from persrec.data.fingerprint import dataset_fingerprint, require_same_dataset
 from persrec.eval.ranking import EvalConfig, format_metrics_table
 from persrec.eval.runner import eval_loader, evaluate_model
 from persrec.models.recommender import ExpertRecommender
@@ -37,7 +38,13 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> int:
     ctx = setup_distributed(config.device)
     try:
         store = load_dataset(config, progress=ctx.is_main)
-        model = build_model(config, store.num_items).to(ctx.device)
+        require_same_dataset(
+            ckpt.load_dataset_fingerprint(weights.parent),
+            dataset_fingerprint(store),
+            str(weights),
+            allow=config.allow_dataset_mismatch,
+        )
+        model = build_model(config, store.num_items, store.num_users).to(ctx.device)
         ckpt.load_weights(model, weights)
         window = window_config(config)
         eval_config = EvalConfig(ks=tuple(config.topk), filter_seen=config.filter_seen, ties="pessimistic")

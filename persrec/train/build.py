@@ -92,12 +92,14 @@ def build_model(
     layout = expert_layout(config)
     if layout is None:
         return SequentialRecommender(backbone)
-    if not 0 <= config.item_dropout < 1:
-        raise ConfigError(f"item_dropout={config.item_dropout} must lie in [0, 1)")
+    for name in ("item_dropout", "history_dropout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"{name}={getattr(config, name)} must lie in [0, 1)")
     model = ExpertSequenceModel(backbone, layout, num_users if config.per_user_expert_tokens else 0)
     options = ExpertOptions(
         loss_on_all_items=config.loss_on_all_items,
         item_dropout=config.item_dropout,
+        history_dropout=config.history_dropout,
         predict_with_full_item_seq=config.predict_with_full_item_seq,
         use_cache=config.eval_use_cache,
     )

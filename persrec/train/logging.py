@@ -23,17 +23,23 @@ class NullLogger(MetricLogger):
 
 
 class CSVLogger(MetricLogger):
-    """One row per call in `metrics.csv`; a column seen for the first time rewrites the header once."""
+    """One row per call in `metrics.csv`, rewritten whole (atomically) each time.
 
-    def __init__(self, path: Path) -> None:
+    The file starts from `rows` (the records of the checkpoint a run resumes from), never from what a killed
+    process left on disk: rows it logged after its last checkpoint are trained again and would appear twice.
+    """
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = []
-        if path.is_file():
-            with path.open() as handle:
-                self.rows = list(csv.DictReader(handle))
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        if self.rows or path.is_file():
+            self._write()
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         self.rows.append({"step": step, **values})
+        self._write()
+
+    def _write(self) -> None:
         columns: list[str] = []
         for row in self.rows:
             columns += [c for c in row if c not in columns]
@@ -63,11 +69,17 @@ class TensorBoardLogger(MetricLogger):
         self.writer.close()
 
 
-def build_logger(kind: str, run_dir: Path, enabled: bool) -> MetricLogger:
+def build_logger(
+    kind: str, run_dir: Path, enabled: bool, history: list[dict[str, Any]] | None = None
+) -> MetricLogger:
+    """`history`: the per-epoch records of the checkpoint being resumed (each with its `step`)."""
     if not enabled or kind == "none":
         return NullLogger()
     if kind == "csv":
-        return CSVLogger(run_dir / "metrics.csv")
+        rows = [
+            {"step": r.get("step", 0), **{k: v for k, v in r.items() if k != "step"}} for r in history or []
+        ]
+        return CSVLogger(run_dir / "metrics.csv", rows)
     if kind == "tensorboard":
         return TensorBoardLogger(run_dir / "tensorboard")
     raise ValueError(f"logger={kind!r}: expected csv, tensorboard or none")

@@ -1,7 +1,8 @@
 """The training loop: epochs of NCE steps, validation, early stopping, checkpoints, exact resume.
 
-Resuming is bit-for-bit: the epoch's batch order is a pure function of (seed, epoch), every RNG the run draws
-from is checkpointed, and a resumed run skips the batches its checkpoint already trained.
+Resuming is bit-for-bit: the epoch's batch order is a pure function of (seed, epoch), every RNG stream of every
+rank is checkpointed, a resumed run skips the batches its checkpoint already trained, and its metric log is
+rebuilt from the checkpoint's records, so it reads as if the run had never stopped.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+import persrec
 from persrec.atomic import atomic_write_json
 from persrec.config import Config, ConfigError
+from persrec.data.fingerprint import dataset_fingerprint, require_same_dataset
 from persrec.data.sequences import TrainSequences, collate
 from persrec.eval.ranking import EvalConfig, format_metrics_table
 from persrec.eval.runner import (
@@ -34,8 +37,10 @@ from persrec.eval.runner import (
 from persrec.train import checkpoint as ckpt
 from persrec.train.build import build_model, load_dataset, nce_config, window_config
 from persrec.train.distributed import DistributedContext
+from persrec.train.interrupt import StopRequests, TrainingInterrupted
 from persrec.train.logging import build_logger
 from persrec.train.loss import SampledSoftmaxLoss
+from persrec.train.resume import run_dir_of, training_finished
 from persrec.train.schedule import build_optimizer
 
 LOG_EVERY = 20
@@ -81,34 +86,12 @@ def default_run_dir(config: Config) -> Path:
     return Path(config.checkpoint_dir) / name
 
 
-def resolve_resume(config: Config) -> Path | None:
-    """The checkpoint to resume from: `resume` may be true (newest run under checkpoint_dir), a run or a checkpoint."""
-    if not config.resume or str(config.resume).lower() in {"false", "0", "no"}:
-        return None
-    if str(config.resume).lower() in {"true", "1", "yes", "latest"}:
-        root = Path(config.checkpoint_dir)
-        target = root / config.run_name if config.run_name else None
-        if target is None:
-            runs = sorted(
-                (p for p in root.glob("*") if ckpt.latest_checkpoint(p)), key=lambda p: p.stat().st_mtime
-            )
-            target = runs[-1] if runs else None
-    else:
-        target = Path(config.resume)
-    found = ckpt.latest_checkpoint(target) if target is not None and target.exists() else None
-    if found is None:
-        raise ConfigError(f"resume={config.resume!r}: no complete checkpoint found (looked in {target})")
-    return found
-
-
 class Trainer:
-    def __init__(self, config: Config, ctx: DistributedContext) -> None:
+    def __init__(self, config: Config, ctx: DistributedContext, resume_from: Path | None = None) -> None:
+        """`resume_from`: a checkpoint to continue (its config is `config`: see `persrec.train.resume`)."""
         self.ctx = ctx
-        resume_from = resolve_resume(config)
-        self.run_dir = (
-            resume_from.parent.parent if resume_from and resume_from.parent.name == "checkpoints" else None
-        )
-        self.config = config
+        self.run_dir = run_dir_of(resume_from) if resume_from is not None else None
+        self._process_started = time.perf_counter()
         seed_everything(config.seed + ctx.rank)
         self.progress = config.show_progress and ctx.is_main
         if ctx.is_main:
@@ -116,6 +99,10 @@ class Trainer:
         ctx.barrier()
         if not ctx.is_main:
             self.store = load_dataset(config, progress=False)
+        if Path(config.dataset).expanduser().is_dir():  # stored resolved: the run must not depend on its cwd
+            config = config.replace(dataset=str(Path(config.dataset).expanduser().resolve()))
+        self.config = config
+        self.fingerprint = dataset_fingerprint(self.store)
         self.window = window_config(config)
         self.model = build_model(config, self.store.num_items, self.store.num_users).to(ctx.device)
         self.loss = SampledSoftmaxLoss(nce_config(config), self.store.num_items).to(ctx.device)
@@ -157,6 +144,10 @@ class Trainer:
             if ctx.enabled
             else None
         )
+        self.stop = StopRequests()
+        self._loss_sum: torch.Tensor | None = None
+        self._epoch_started = time.perf_counter()
+        self._last_saved_step: int | None = None
         if resume_from is not None:
             self._restore(resume_from)
         if self.run_dir is None:
@@ -166,6 +157,7 @@ class Trainer:
                     f"{self.run_dir} already holds a run; pass --resume true to continue it, "
                     "or choose another --run_name"
                 )
+        self._elapsed_before = self.state.elapsed_seconds
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.save_config(config, self.run_dir / "config.yaml")
@@ -175,7 +167,7 @@ class Trainer:
                     "on the test items, so the test metrics are optimistic",
                     file=sys.stderr,
                 )
-        self.logger = build_logger(config.logger, self.run_dir, ctx.is_main)
+        self.logger = build_logger(config.logger, self.run_dir, ctx.is_main, self.state.history)
 
     # ---- setup helpers -------------------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast | None:
@@ -192,32 +184,66 @@ class Trainer:
         return {"negatives": self.negatives}
 
     def _restore(self, checkpoint: Path) -> None:
+        require_same_dataset(
+            ckpt.load_dataset_fingerprint(checkpoint), self.fingerprint, f"the run resumed from {checkpoint}"
+        )
         ckpt.load_weights(self.model, checkpoint / "model.safetensors")
-        state = torch.load(checkpoint / "optimizer.pt", map_location=self.ctx.device, weights_only=False)
+        state = ckpt.load_optimizer_state(checkpoint, self.ctx.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss.load_state_dict(state["loss"])
         self.state = ckpt.load_trainer_state(checkpoint)
-        ckpt.restore_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False), self._generators())
+        rng = ckpt.load_rng_state(checkpoint, self.ctx.rank, self.ctx.world_size)
+        ckpt.restore_rng_state(rng, self._generators())
         if self.progress:
             print(f"resumed from {checkpoint} (epoch {self.state.epoch}, step {self.state.global_step})")
 
     def _save(self) -> None:
-        if not self.ctx.is_main:
-            return
-        ckpt.save_checkpoint(
-            self.run_dir,
-            f"step-{self.state.global_step}",
-            model=self.model,
-            config=self.config,
-            optimizer_state={
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "loss": self.loss.state_dict(),
-            },
-            trainer_state=self.state,
-            generators=self._generators(),
+        """Every rank contributes its RNG streams; rank 0 writes the checkpoint."""
+        if self._last_saved_step == self.state.global_step and self._loss_sum is not None:
+            return  # a stop request right after a periodic save: that checkpoint is this one
+        if self._loss_sum is not None:  # mid-epoch: remember the running loss and time of the epoch
+            self.state.epoch_loss_sum = self._loss_sum.item()
+            self.state.epoch_seconds = self._epoch_seconds()
+        self.state.elapsed_seconds = self._elapsed_before + time.perf_counter() - self._process_started
+        states = [ckpt.rng_state(self._generators())]
+        if self.ctx.enabled:
+            gathered: list[dict[str, Any] | None] = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered  # type: ignore[assignment]
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(
+                self.run_dir,
+                f"step-{self.state.global_step}",
+                model=self.model,
+                config=self.config,
+                optimizer_state={
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "loss": self.loss.state_dict(),
+                },
+                trainer_state=self.state,
+                rng_states=states,
+                dataset_fingerprint=self.fingerprint,
+            )
+        self._last_saved_step = self.state.global_step
+
+    def resume_command(self) -> str:
+        launcher = (
+            f"torchrun --nproc_per_node {self.ctx.world_size} -m persrec.cli"
+            if self.ctx.enabled
+            else "persrec"
         )
+        return f"{launcher} train --resume {self.run_dir}"
+
+    def _check_stop(self) -> None:
+        """After a step: on SIGINT/SIGTERM (on any rank) save a checkpoint and stop."""
+        signum = self.stop.agreed(self.ctx.enabled, self.ctx.device)
+        if signum is None:
+            return
+        self._save()
+        latest = ckpt.latest_checkpoint(self.run_dir) if self.ctx.is_main else None
+        raise TrainingInterrupted(signum, str(latest), self.resume_command())
 
     # ---- training ------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -242,7 +268,11 @@ class Trainer:
     def _done(self) -> bool:
         return bool(self.config.max_steps) and self.state.global_step >= self.config.max_steps
 
-    def train_epoch(self) -> float:
+    def _epoch_seconds(self) -> float:
+        return self.state.epoch_seconds + time.perf_counter() - self._epoch_started
+
+    def train_epoch(self) -> tuple[float, float]:
+        """Train the rest of the current epoch: (mean loss over all its batches, its seconds)."""
         self.model.train()
         self.sampler.set_epoch(self.state.epoch)
         self.batches.skip = self.state.batch_in_epoch
@@ -254,13 +284,12 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        steps = 0
-        started = time.perf_counter()
-        for batch in self.loader:
+        # A float32 running sum, continued from a mid-epoch checkpoint exactly as if never interrupted.
+        self._loss_sum = torch.tensor(self.state.epoch_loss_sum, dtype=torch.float32, device=self.ctx.device)
+        self._epoch_started = time.perf_counter()
+        for steps, batch in enumerate(self.loader, start=1):
             batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
-            loss_sum += self._step(batch)
-            steps += 1
+            self._loss_sum += self._step(batch)
             self.state.global_step += 1
             self.state.batch_in_epoch += 1
             bar.update(1)
@@ -269,15 +298,21 @@ class Trainer:
                     steps
                     * self.config.train_batch_size
                     * self.ctx.world_size
-                    / (time.perf_counter() - started)
+                    / (time.perf_counter() - self._epoch_started)
                 )
-                bar.set_postfix(loss=f"{loss_sum.item() / steps:.4f}", seq_per_s=f"{rate:.0f}")
+                bar.set_postfix(
+                    loss=f"{self._loss_sum.item() / self.state.batch_in_epoch:.4f}", seq_per_s=f"{rate:.0f}"
+                )
             if self.config.save_every_steps and self.state.global_step % self.config.save_every_steps == 0:
                 self._save()
             if self._done():
                 break
+            self._check_stop()
         bar.close()
-        return loss_sum.item() / max(steps, 1)
+        loss = self._loss_sum.item() / max(self.state.batch_in_epoch, 1)
+        seconds = self._epoch_seconds()
+        self._loss_sum = None
+        return loss, seconds
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of `split`; without a validation split, "valid" (epoch selection) is the test item."""
@@ -297,16 +332,40 @@ class Trainer:
         best = self.state.best_metric
         return best is None or metrics[key] > best
 
+    def finished(self) -> bool:
+        """The training loop has nothing left to do (epochs done, max_steps reached or stopped early)."""
+        return training_finished(self.state, self.config)
+
+    def _save_best(self, best_dir: Path) -> None:
+        if self.ctx.is_main:
+            ckpt.save_model_files(best_dir, self.config, self.fingerprint, self.store.path)
+            ckpt.save_weights(self.model, best_dir / "model.safetensors")
+
     def fit(self) -> RunResult:
+        """Train until done, then report; SIGINT/SIGTERM end it with a checkpoint (`TrainingInterrupted`)."""
+        self.stop.install()
+        try:
+            self._train_loop()
+        finally:
+            self.stop.uninstall()
         best_path = self.run_dir / "best" / "model.safetensors"
-        while self.state.epoch < self.config.epochs and not self._done():
-            started = time.perf_counter()
-            loss = self.train_epoch()
+        self.ctx.barrier()
+        if best_path.is_file():
+            ckpt.load_weights(self.model, best_path)
+        else:  # never evaluated (e.g. max_steps hit before an evaluation): the final weights are the result
+            self._save_best(best_path.parent)
+        return self.final_report(best_path)
+
+    def _train_loop(self) -> None:
+        while not self.finished():
             epoch = self.state.epoch
-            record: dict[str, Any] = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - started}
+            loss, seconds = self.train_epoch()
+            record: dict[str, Any] = {"epoch": epoch, "loss": loss, "seconds": seconds}
             if self.state.batch_in_epoch >= len(self.batches) + self.batches.skip:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
+            self.state.epoch_loss_sum = 0.0
+            self.state.epoch_seconds = 0.0
             evaluate_now = (
                 epoch + 1
             ) % self.config.eval_interval == 0 or self.state.epoch >= self.config.epochs
@@ -317,9 +376,7 @@ class Trainer:
                     self.state.best_metric = valid[self.config.valid_metric]
                     self.state.best_epoch = epoch
                     self.state.evaluations_without_improvement = 0
-                    if self.ctx.is_main:
-                        best_path.parent.mkdir(parents=True, exist_ok=True)
-                        ckpt.save_weights(self.model, best_path)
+                    self._save_best(self.run_dir / "best")
                 else:
                     self.state.evaluations_without_improvement += 1
                 if self.progress:
@@ -327,25 +384,19 @@ class Trainer:
                     print(
                         f"epoch {epoch}: loss {loss:.4f}, valid {metric} {valid[metric]:.4f} "
                         f"(best {self.state.best_metric:.4f} at epoch {self.state.best_epoch}), "
-                        f"{record['seconds']:.1f}s"
+                        f"{seconds:.1f}s"
                     )
+            self.state.stopped_early = self.state.evaluations_without_improvement >= self.config.stopping_step
+            record["step"] = self.state.global_step
             self.state.history.append(record)
             self.logger.log(self.state.global_step, record)
             self._save()
-            if self.state.evaluations_without_improvement >= self.config.stopping_step:
-                if self.progress:
-                    print(
-                        f"early stopping: no improvement of {self.config.valid_metric} in {self.config.stopping_step} evaluations"
-                    )
-                break
-        self.ctx.barrier()
-        if best_path.is_file():
-            ckpt.load_weights(self.model, best_path)
-        else:  # never evaluated (e.g. max_steps hit before an evaluation): the final weights are the result
-            if self.ctx.is_main:
-                best_path.parent.mkdir(parents=True, exist_ok=True)
-                ckpt.save_weights(self.model, best_path)
-        return self.final_report(best_path)
+            if self.state.stopped_early and self.progress:
+                print(
+                    f"early stopping: no improvement of {self.config.valid_metric} in "
+                    f"{self.config.stopping_step} evaluations"
+                )
+            self._check_stop()
 
     def final_report(self, best_path: Path) -> RunResult:
         valid, test = self.evaluate("valid"), self.evaluate("test")
@@ -366,12 +417,38 @@ class Trainer:
         if baseline is not None:
             results["test (popularity baseline)"] = baseline
         if self.ctx.is_main:
-            ckpt.save_config(self.config, best_path.parent / "config.yaml")
-            summary = {"best_epoch": self.state.best_epoch, "filter_seen": self.config.filter_seen, **results}
-            atomic_write_json(self.run_dir / "results.json", summary)
+            ckpt.save_model_files(best_path.parent, self.config, self.fingerprint, self.store.path)
+            atomic_write_json(self.run_dir / "results.json", self._summary(results))
             self.logger.log(self.state.global_step, {f"test/{k}": v for k, v in test.items() if k != "count"})
             self.logger.close()
         return RunResult(self.run_dir, best_path.parent, valid, test, baseline, self.state.best_epoch)
+
+    def _summary(self, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """results.json: the metrics and everything needed to know what produced them."""
+        elapsed = self._elapsed_before + time.perf_counter() - self._process_started
+        parameters = sum(p.numel() for p in self.model.parameters())
+        return {
+            "best_epoch": self.state.best_epoch,
+            "filter_seen": self.config.filter_seen,
+            **{
+                split: {k: int(v) if k == "count" else v for k, v in metrics.items()}
+                for split, metrics in results.items()
+            },
+            "epochs_trained": self.state.epoch,
+            "global_step": self.state.global_step,
+            "stopped_early": self.state.stopped_early,
+            "wall_seconds": round(elapsed, 3),
+            "parameters": parameters,
+            "loss_parameters": sum(p.numel() for p in self.loss.parameters()),
+            "world_size": self.ctx.world_size,
+            "versions": {
+                "persrec": persrec.__version__,
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+            },
+            "dataset": self.fingerprint,
+            "config": self.config.to_dict(),
+        }
 
     def print_validation(self) -> None:
         valid = self.evaluate("valid")

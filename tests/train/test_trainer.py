@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +36,14 @@ def test_training_writes_results_checkpoints_and_learns(tiny_dataset, tmp_path, 
         assert summary[split]["count"] == 48
     assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "config.yaml").is_file()
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    for name in ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml"):
+    for name in ("model.safetensors", "optimizer.pt", "rng.json", "trainer_state.json", "config.yaml"):
         assert (run / "checkpoints" / latest / name).is_file()
+    for name in ("dataset.json", "item_ids.parquet"):  # best/ is usable without the prepared dataset
+        assert (run / "best" / name).is_file()
+    assert summary["dataset"]["num_items"] == trainer.store.num_items
+    assert summary["config"]["model"] == model and summary["versions"]["torch"] == torch.__version__
+    assert summary["parameters"] == sum(p.numel() for p in trainer.model.parameters())
+    assert isinstance(summary["test"]["count"], int) and summary["wall_seconds"] > 0
     losses = [row["loss"] for row in trainer.state.history]
     assert losses[-1] < losses[0]
     assert (run / "metrics.csv").read_text().startswith("step,")
@@ -99,41 +103,6 @@ def _flags(overrides: dict) -> list[str]:
     for key, value in overrides.items():
         flags += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return flags
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_bit_for_bit(tiny_dataset, tmp_path):
-    """Kill a run mid-epoch with SIGKILL, resume it, and compare with an uninterrupted run."""
-    common = dict(
-        epochs=40, max_steps=60, save_every_steps=1, hidden_dropout_prob=0.3, popularity_baseline="false"
-    )
-    reference = tiny_overrides(tiny_dataset, tmp_path / "reference", **common)
-    assert _cli(_flags(reference)).wait(timeout=300) == 0
-
-    interrupted = tiny_overrides(tiny_dataset, tmp_path / "interrupted", **common)
-    process = _cli(_flags(interrupted))
-    pointer = tmp_path / "interrupted" / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if pointer.is_file() and int(pointer.read_text().split("-")[1]) >= 13:
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = int(pointer.read_text().split("-")[1])
-    assert killed_at < 60, "the run finished before it could be killed"
-    assert _cli(_flags({**interrupted, "resume": "true"})).wait(timeout=300) == 0
-
-    final = "checkpoints/step-60/model.safetensors"
-    expected = load_file(str(tmp_path / "reference" / "run" / final))
-    resumed = load_file(str(tmp_path / "interrupted" / "run" / final))
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        assert torch.equal(expected[name], resumed[name]), name
-    assert (
-        json.loads((tmp_path / "interrupted" / "run" / "results.json").read_text())["test"]
-        == json.loads((tmp_path / "reference" / "run" / "results.json").read_text())["test"]
-    )
 
 
 WORKER = """
