@@ -65,6 +65,21 @@ class ExpertServer:
         for `compress` (the segment's expert group gets the same per-user tokens)."""
         return self.recommender.refresh(cache, segment_ids, timestamps, users)
 
+    def _scores(self, hidden: Tensor) -> Tensor:
+        scores = F.normalize(hidden.float(), dim=-1) @ self._item_matrix().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.inference_mode()
+    def predict_full(
+        self, window_ids: Tensor, timestamps: Tensor | None = None, users: Tensor | None = None
+    ) -> Tensor:
+        """Scores like `predict`, but from the whole window [B, P + R] in one full masked pass (no cache):
+        what every request would cost without the expert cache."""
+        batch = {"input_ids": window_ids, "timestamps": timestamps, "user": users}
+        batch = {key: value for key, value in batch.items() if value is not None}
+        return self._scores(self.recommender.user_embeddings(batch, use_cache=False))
+
     @torch.inference_mode()
     def predict(self, cache: KVCache, recent_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """Cosine scores [B, N + 1] of every item for the next interaction; column 0 (padding) is -inf.
@@ -75,10 +90,7 @@ class ExpertServer:
             pad = self.recent_length - recent_ids.shape[1]
             recent_ids = F.pad(recent_ids, (pad, 0))
             timestamps = None if timestamps is None else F.pad(timestamps, (pad, 0))
-        hidden = self.model.predict_hidden(cache, recent_ids, timestamps)[:, -1]
-        scores = F.normalize(hidden.float(), dim=-1) @ self._item_matrix().T
-        scores[:, 0] = float("-inf")
-        return scores
+        return self._scores(self.model.predict_hidden(cache, recent_ids, timestamps)[:, -1])
 
     @torch.inference_mode()
     def top_k(
