@@ -220,6 +220,13 @@ CASES = [
     # ---- persrec evaluate ----
     Case("evaluate missing path", ["evaluate", "{tmp}/nope"], "nope does not exist"),
     Case("evaluate no weights", ["evaluate", "{tmp}/saved"], "no model.safetensors found", saved_run(None)),
+    Case(
+        "evaluate garbage weights",
+        ["evaluate", "{tmp}/saved"],
+        "model.safetensors is not a readable safetensors weights file",
+        saved_run("garbage"),
+    ),
+    Case("evaluate other model", ["evaluate", "{tmp}/saved"], "does not match the model", saved_run("other")),
     Case("evaluate override", ["evaluate", "{tmp}/saved", "--topk", "0"], "--topk", saved_run("garbage")),
     Case(
         "evaluate compare_cache",
