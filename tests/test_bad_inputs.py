@@ -8,6 +8,7 @@ may use `{tmp}` (the case's own directory, also its checkpoint_dir) and `{data}`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,68 @@ def saved_run(weights: str | None, **config: object) -> Callable[[Env], None]:
             store = PreparedDataset.open(env.data)
             model = build_model(settings.replace(item_embedding_size=8), store.num_items, store.num_users)
             save_weights(model, folder / "model.safetensors")
+
+    return setup
+
+
+def trained_run(tamper: str | None = None) -> Callable[[Env], None]:
+    """A setup that trains the tiny run for one epoch into `{tmp}/run`.
+
+    tamper: "payload" (optimizer.pt unpickles into code), "other dataset" (a second, different prepared
+    dataset at `{tmp}/other`) or None.
+    """
+
+    def setup(env: Env) -> None:
+        argv = [a.replace("{tmp}", str(env.tmp)).replace("{data}", str(env.data)) for a in train()]
+        assert main([*argv, "--popularity_baseline", "false"]) == 0
+        if tamper == "payload":
+            from persrec.train.checkpoint import latest_checkpoint
+
+            torch.save(
+                {"optimizer": _Payload(env.tmp / "ran")}, latest_checkpoint(env.tmp / "run") / "optimizer.pt"
+            )
+        elif tamper == "other dataset":
+            from persrec.data.datasets.synthetic import generate_synthetic
+            from persrec.data.prepare import prepare_dataset
+            from tests.conftest import TINY as TINY_DATA
+
+            built = generate_synthetic(dataclasses.replace(TINY_DATA, seed=11), env.tmp / "raw")
+            prepare_dataset(built.interactions, env.tmp / "other", items=built.items, progress=False)
+
+    return setup
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def tiny_parquet(relative: str, damage: bool = False) -> Callable[[Env], None]:
+    """A setup that writes a small interactions parquet; `damage` overwrites bytes in its middle."""
+
+    def setup(env: Env) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = env.tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = 2000
+        table = pa.table(
+            {
+                "user_id": [i % 50 for i in range(n)],
+                "item_id": [i % 97 for i in range(n)],
+                "timestamp": list(range(n)),
+            }
+        )
+        pq.write_table(table, path, compression="snappy")
+        if damage:
+            data = bytearray(path.read_bytes())
+            middle = len(data) // 2
+            data[middle : middle + 64] = b"\xff" * 64
+            path.write_bytes(bytes(data))
 
     return setup
 
@@ -241,6 +304,68 @@ CASES = [
         write("w/model.safetensors", b"0"),
     ),
     Case("evaluate no argument", ["evaluate"], "evaluate: the following arguments are required: checkpoint"),
+    # ---- resume ----
+    Case(
+        "resume changes the model",
+        ["train", "--resume", "{tmp}/run", "--n_layers", "3"],
+        "--n_layers 3 differs from the resumed run's 1",
+        trained_run(),
+    ),
+    Case(
+        "resume changes the learning rate",
+        ["train", "--resume", "{tmp}/run", "--optim_args.learning_rate", "0.5"],
+        "--optim_args.learning_rate",
+        trained_run(),
+    ),
+    Case("resume nothing there", ["train", "--resume", "{tmp}/none"], "no complete checkpoint found"),
+    Case(
+        "resume a run name with no run",
+        ["train", "--resume", "true", "--run_name", "ghost", "--checkpoint_dir", "{tmp}"],
+        "--resume true: no complete checkpoint found",
+    ),
+    Case(
+        "resume pickled code",
+        ["train", "--resume", "{tmp}/run", "--epochs", "2"],
+        "optimizer.pt is not a checkpoint file persrec can load safely",
+        trained_run("payload"),
+    ),
+    Case(
+        "evaluate on another dataset",
+        ["evaluate", "{tmp}/run", "--dataset", "{tmp}/other"],
+        "pass --allow_dataset_mismatch true",
+        trained_run("other dataset"),
+    ),
+    # ---- data files and outputs ----
+    Case(
+        "convert onto its input",
+        ["convert", "{tmp}/a.csv", "{tmp}/a.csv", "--overwrite"],
+        "is the input file itself",
+        write("a.csv", "user_id,item_id,timestamp\n1,2,3\n"),
+    ),
+    Case(
+        "convert over an existing output",
+        ["convert", "{tmp}/a.csv", "{tmp}/b.parquet"],
+        "b.parquet: already exists; pass --overwrite",
+        lambda env: (write("a.csv", "user_id,item_id,timestamp\n1,2,3\n")(env), write("b.parquet", "x")(env)),
+    ),
+    Case(
+        "prepare over a user's directory",
+        ["prepare", "--input", "{tmp}/in.parquet", "--output", "{tmp}/mine", "--overwrite"],
+        "is not a prepared dataset written by persrec",
+        lambda env: (tiny_parquet("in.parquet")(env), write("mine/manifest.json", "{}")(env)),
+    ),
+    Case(
+        "prepare a damaged parquet",
+        ["prepare", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out"],
+        "in.parquet: not a readable parquet file",
+        tiny_parquet("in.parquet", damage=True),
+    ),
+    Case(
+        "prepare a text file as parquet",
+        ["prepare", "--input", "{tmp}/in.parquet", "--output", "{tmp}/out"],
+        "not a readable parquet file",
+        write("in.parquet", "user_id,item_id\n1,2\n"),
+    ),
     # ---- commands and their own options ----
     Case("unknown command", ["foo"], "unknown command 'foo'"),
     Case("command typo", ["evalute", "{tmp}"], "did you mean 'evaluate'?"),
@@ -293,3 +418,4 @@ def test_mistake_is_one_line_and_exit_2(
     assert case.expect in lines[0], lines[0]
     assert "Traceback" not in out + err
     assert sorted(tmp_path.rglob("*")) == before, "files were created under checkpoint_dir"
+    assert not (tmp_path / "ran").exists(), "a checkpoint file ran code"

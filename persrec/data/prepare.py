@@ -157,7 +157,11 @@ class _Steps:
     """Step-level progress bar plus debug timings."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, desc="prepare", unit="step", disable=not enabled, file=sys.stderr)
+        # disable=None: no bar when stderr is not a terminal (logs, pipes), where it would only add lines
+        # before an error message.
+        self.bar = tqdm(
+            total=total, desc="prepare", unit="step", disable=None if enabled else True, file=sys.stderr
+        )
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
