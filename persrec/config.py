@@ -1,9 +1,9 @@
 """Typed run configuration: documented defaults, YAML files merged in order, dotted command-line overrides.
 
 Precedence, lowest first: the defaults below → each `--config_file` in the order given → command-line flags.
-Keys keep the names of the original PerSRec/HLLM scripts (`MAX_ITEM_LIST_LENGTH`, `pretrain_item_num`, ...) so
-their configs and launch scripts port unchanged; `persrec.train.build` turns them into the clearly named
-configs the library uses inside. Unknown keys are an error that names the key and suggests the closest one
+Keys keep the names of the original PerSRec/HLLM scripts (`MAX_ITEM_LIST_LENGTH`, `pretrain_item_num`, ...) for
+the ID backbones, SASRec and HSTU; the text (HLLM) and Hugging Face options of those scripts are named as not
+supported yet. `persrec.train.build` turns the keys into the clearly named configs the library uses inside. Unknown keys are an error that names the key and suggests the closest one
 (case-insensitively, spelled as it must be typed), and `Config.validate` rejects out-of-range values before a run
 creates anything on disk.
 """
@@ -267,7 +267,32 @@ def suggest_key(key: str, known: list[str] | None = None) -> str | None:
     return leaves[close[0]] if close else None
 
 
+# Options of the original PerSRec/HLLM scripts for backbones persrec does not have yet: a user porting a script
+# should read that, not a suggestion of some similarly spelled key.
+NOT_SUPPORTED_YET = {
+    name.lower(): name
+    for name in (
+        "MAX_TEXT_LENGTH",
+        "text_keys",
+        "text_path",
+        "item_pretrain_dir",
+        "user_pretrain_dir",
+        "item_emb_token_n",
+        "item_llm_trainable",
+        "gradient_checkpointing",
+        "strategy",
+        "stage",
+    )
+}
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
+    original = NOT_SUPPORTED_YET.get(key.lower())
+    if original is not None:
+        return ConfigError(
+            f"--{original} (in {where}) is an option of the text and Hugging Face backbones (HLLM, LLaMA-ID), "
+            "which are not supported yet; persrec trains the ID backbones SASRec and HSTU"
+        )
     close = suggest_key(key)
     if where == COMMAND_LINE:
         hint = f"; did you mean --{close}?" if close else "; persrec train --help lists the keys"

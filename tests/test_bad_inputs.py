@@ -304,6 +304,19 @@ CASES = [
         write("w/model.safetensors", b"0"),
     ),
     Case("evaluate no argument", ["evaluate"], "evaluate: the following arguments are required: checkpoint"),
+    # ---- options of backbones persrec does not have yet ----
+    Case(
+        "HLLM text_keys",
+        train("--text_keys", "title"),
+        "--text_keys (in the command line) is an option of the text",
+    ),
+    Case("HLLM MAX_TEXT_LENGTH", train("--MAX_TEXT_LENGTH", "64"), "not supported yet"),
+    Case(
+        "HLLM item_pretrain_dir in a file",
+        train("--config_file", "{tmp}/hllm.yaml"),
+        "--item_pretrain_dir (in {tmp}/hllm.yaml)",
+        write("hllm.yaml", "item_pretrain_dir: /models/qwen\n"),
+    ),
     # ---- resume ----
     Case(
         "resume changes the model",
@@ -415,7 +428,7 @@ def test_mistake_is_one_line_and_exit_2(
     lines = err.splitlines()
     assert code == 2, (code, err)
     assert len(lines) == 1 and lines[0].startswith("persrec: "), err
-    assert case.expect in lines[0], lines[0]
+    assert case.expect.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
     assert "Traceback" not in out + err
     assert sorted(tmp_path.rglob("*")) == before, "files were created under checkpoint_dir"
     assert not (tmp_path / "ran").exists(), "a checkpoint file ran code"
