@@ -379,6 +379,12 @@ CASES = [
         "not a readable parquet file",
         write("in.parquet", "user_id,item_id\n1,2\n"),
     ),
+    Case(
+        "convert unknown encoding",
+        ["convert", "{tmp}/a.csv", "{tmp}/b.parquet", "--encoding", "bogus"],
+        "--encoding 'bogus': unknown encoding",
+        write("a.csv", "user_id,item_id,timestamp\n1,2,3\n"),
+    ),
     # ---- commands and their own options ----
     Case("unknown command", ["foo"], "unknown command 'foo'"),
     Case("command typo", ["evalute", "{tmp}"], "did you mean 'evaluate'?"),

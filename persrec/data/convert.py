@@ -136,7 +136,9 @@ def convert_csv_to_parquet(
     try:
         codec = codecs.lookup(encoding).name
     except LookupError as exc:
-        raise ValueError(f"unknown encoding {encoding!r}") from exc
+        raise DataValidationError(
+            f"--encoding {encoding!r}: unknown encoding; expected a Python codec such as utf-8 or latin-1"
+        ) from exc
 
     lines = _head_lines(src, encoding)
     if not lines:

@@ -89,6 +89,7 @@ def default_run_dir(config: Config) -> Path:
 class Trainer:
     def __init__(self, config: Config, ctx: DistributedContext, resume_from: Path | None = None) -> None:
         """`resume_from`: a checkpoint to continue (its config is `config`: see `persrec.train.resume`)."""
+        config.validate()  # library callers get the command line's checks before anything is built
         self.ctx = ctx
         self.run_dir = run_dir_of(resume_from) if resume_from is not None else None
         self._process_started = time.perf_counter()
