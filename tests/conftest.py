@@ -42,3 +42,30 @@ def tiny_overrides(dataset: Path, run_dir: Path, **extra: object) -> dict[str, o
         "topk": [5, 10],
         **extra,
     }
+
+
+def cli_flags(overrides: dict[str, object]) -> list[str]:
+    """Config overrides as `persrec train` flags (lists comma-joined)."""
+    flags: list[str] = []
+    for key, value in overrides.items():
+        flags += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags
+
+
+def torchrun_command(processes: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` on a free loopback port (torchrun needs a concrete one)."""
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+    ]

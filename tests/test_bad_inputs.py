@@ -19,7 +19,7 @@ import torch
 
 from persrec.cli import main
 from persrec.config import load_config, save_config
-from tests.conftest import tiny_overrides
+from tests.conftest import cli_flags, tiny_overrides
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,8 @@ class Case:
     setup: Callable[[Env], None] | None = None
 
 
-def _flags(overrides: dict[str, object]) -> list[str]:
-    flags: list[str] = []
-    for key, value in overrides.items():
-        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        flags += [f"--{key}", text]
-    return flags
-
-
 # A run on the tiny dataset that would train in seconds, written under the case's directory.
-TINY = _flags(tiny_overrides(Path("{data}"), Path("{tmp}"), epochs=1))
+TINY = cli_flags(tiny_overrides(Path("{data}"), Path("{tmp}"), epochs=1))
 EXPERTS = [
     *("--number_of_user_tokens", "2", "--pretrain_item_num", "8", "--recent_item_num", "8"),
 ]

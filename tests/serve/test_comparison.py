@@ -12,22 +12,27 @@ from persrec.train.build import build_model, window_config
 from tests.conftest import tiny_overrides
 
 
-@pytest.mark.parametrize("model", ["PersonalizedHSTU", "PersonalizedSASRec"])
-def test_cached_and_full_paths_agree_on_every_request(tiny_dataset, tmp_path, model):
+def _expert_model(dataset, tmp_path, model: str, **extra):
     config = load_config(
         overrides=tiny_overrides(
-            tiny_dataset,
+            dataset,
             tmp_path,
             model=model,
             number_of_user_tokens=2,
             pretrain_item_num=10,
             recent_item_num=6,
+            **extra,
         )
     )
-    store = PreparedDataset.open(tiny_dataset)
+    store = PreparedDataset.open(dataset)
     torch.manual_seed(0)
-    recommender = build_model(config, store.num_items, store.num_users)
-    comparison = compare_serving(recommender, store, window_config(config), torch.device("cpu"), requests=12)
+    return build_model(config, store.num_items, store.num_users), store, window_config(config)
+
+
+@pytest.mark.parametrize("model", ["PersonalizedHSTU", "PersonalizedSASRec"])
+def test_cached_and_full_paths_agree_on_every_request(tiny_dataset, tmp_path, model):
+    recommender, store, window = _expert_model(tiny_dataset, tmp_path, model)
+    comparison = compare_serving(recommender, store, window, torch.device("cpu"), requests=12)
     assert comparison.requests == 12
     assert (comparison.window, comparison.recent) == (16, 6)
     assert comparison.max_abs_score_diff <= 1e-5
@@ -38,20 +43,7 @@ def test_cached_and_full_paths_agree_on_every_request(tiny_dataset, tmp_path, mo
 
 def test_the_comparison_sees_a_broken_cache(tiny_dataset, tmp_path, monkeypatch):
     """The agreement figure is measured, not assumed: a cache that loses a layer shows up in it."""
-    config = load_config(
-        overrides=tiny_overrides(
-            tiny_dataset,
-            tmp_path,
-            model="PersonalizedHSTU",
-            n_layers=2,
-            number_of_user_tokens=2,
-            pretrain_item_num=10,
-            recent_item_num=6,
-        )
-    )
-    store = PreparedDataset.open(tiny_dataset)
-    torch.manual_seed(0)
-    recommender = build_model(config, store.num_items, store.num_users)
+    recommender, store, window = _expert_model(tiny_dataset, tmp_path, "PersonalizedHSTU", n_layers=2)
     original = recommender.compress
 
     def stale(*args, **kwargs):
@@ -61,5 +53,5 @@ def test_the_comparison_sees_a_broken_cache(tiny_dataset, tmp_path, monkeypatch)
         return cache
 
     monkeypatch.setattr(recommender, "compress", stale)
-    comparison = compare_serving(recommender, store, window_config(config), torch.device("cpu"), requests=4)
+    comparison = compare_serving(recommender, store, window, torch.device("cpu"), requests=4)
     assert comparison.max_abs_score_diff > 1e-3

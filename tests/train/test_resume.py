@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,9 @@ from persrec.config import load_config
 from persrec.train import checkpoint as ckpt
 from persrec.train.distributed import DistributedContext
 from persrec.train.trainer import Trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import cli_flags, tiny_overrides, torchrun_command
 
 ROOT = Path(__file__).parents[2]
-
-
-def _flags(overrides: dict) -> list[str]:
-    flags = []
-    for key, value in overrides.items():
-        flags += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return flags
 
 
 def _train(overrides: dict) -> Trainer:
@@ -194,7 +186,7 @@ def test_resume_rebuilds_the_run_from_its_saved_config(tiny_dataset, tmp_path, c
     assert main(["train", "--resume", str(run), "--epochs", "2", "--show_progress", "false"]) == 0
     assert json.loads((run / "results.json").read_text())["epochs_trained"] == 2
     # the README's form: --resume true --run_name N --checkpoint_dir D, repeating unchanged flags is fine
-    assert main(["train", *_flags({**overrides, "epochs": 3}), "--resume", "true"]) == 0
+    assert main(["train", *cli_flags({**overrides, "epochs": 3}), "--resume", "true"]) == 0
     assert json.loads((run / "results.json").read_text())["epochs_trained"] == 3
     assert load_config([run / "config.yaml"]).item_embedding_size == 16
 
@@ -248,7 +240,7 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
 @pytest.fixture(scope="module")
 def reference_run(tiny_dataset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reference")
-    assert _cli(_flags(tiny_overrides(tiny_dataset, root, **COMMON))).wait(timeout=300) == 0
+    assert _cli(cli_flags(tiny_overrides(tiny_dataset, root, **COMMON))).wait(timeout=300) == 0
     return root / "run"
 
 
@@ -259,7 +251,7 @@ def test_a_signal_stops_with_a_checkpoint_and_the_resume_command(
 ):
     overrides = tiny_overrides(tiny_dataset, tmp_path, **COMMON)
     run = tmp_path / "run"
-    process = _cli(_flags(overrides), stderr=subprocess.PIPE, text=True)
+    process = _cli(cli_flags(overrides), stderr=subprocess.PIPE, text=True)
     _wait_for_step(run, 20, process)
     process.send_signal(stop_signal)
     _, err = process.communicate(timeout=120)
@@ -285,28 +277,20 @@ def test_sigkill_then_resume_is_bit_for_bit_with_identical_logs(tiny_dataset, tm
     overrides = tiny_overrides(tiny_dataset, tmp_path, **COMMON)
     run = tmp_path / "run"
     for stop_at in (13, 31):  # killed twice, the second time after a resume
-        process = _cli(_flags({**overrides, "resume": "true"} if stop_at > 13 else overrides))
+        process = _cli(cli_flags({**overrides, "resume": "true"} if stop_at > 13 else overrides))
         _wait_for_step(run, stop_at, process)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert _cli(_flags({**overrides, "resume": "true"})).wait(timeout=300) == 0
+    assert _cli(cli_flags({**overrides, "resume": "true"})).wait(timeout=300) == 0
     _assert_same_weights(_weights(reference_run), _weights(run))
     assert _metrics_rows(run) == _metrics_rows(reference_run)
     ours, theirs = (json.loads((r / "results.json").read_text()) for r in (run, reference_run))
     assert ours["test"] == theirs["test"] and ours["global_step"] == theirs["global_step"] == 60
 
 
-def _torchrun(args: list[str], port: int) -> subprocess.Popen:
+def _torchrun(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-    ]
+    command = torchrun_command(2)
     return subprocess.Popen(
         [*command, "-m", "persrec.cli", "train", *args],
         env=env,
@@ -317,29 +301,23 @@ def _torchrun(args: list[str], port: int) -> subprocess.Popen:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_kill_and_resume_is_bit_for_bit(tiny_dataset, tmp_path):
     common = {**COMMON, "max_steps": 24, "hidden_dropout_prob": 0.3}
     reference = tiny_overrides(tiny_dataset, tmp_path / "reference", **common)
-    process = _torchrun(_flags(reference), _free_port())
+    process = _torchrun(cli_flags(reference))
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
 
     interrupted = tiny_overrides(tiny_dataset, tmp_path / "interrupted", **common)
     run = tmp_path / "interrupted" / "run"
-    process = _torchrun(_flags(interrupted), _free_port())
+    process = _torchrun(cli_flags(interrupted))
     _wait_for_step(run, 7, process, timeout=300)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step
     assert stopped < 24
     assert len(json.loads((ckpt.latest_checkpoint(run) / "rng.json").read_text())["ranks"]) == 2
-    process = _torchrun(_flags({**interrupted, "resume": "true"}), _free_port())
+    process = _torchrun(cli_flags({**interrupted, "resume": "true"}))
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
     _assert_same_weights(_weights(tmp_path / "reference" / "run"), _weights(run))
     assert _metrics_rows(run) == _metrics_rows(tmp_path / "reference" / "run")

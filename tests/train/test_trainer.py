@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from persrec.cli import main
 from persrec.config import ConfigError, load_config
 from persrec.train.distributed import DistributedContext
 from persrec.train.trainer import Trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, torchrun_command
 
 
 def _train(overrides: dict) -> tuple[Trainer, object]:
@@ -93,18 +91,6 @@ def test_bad_config_values_are_reported(tiny_dataset, tmp_path):
     assert main(["train", "--dataset", str(tiny_dataset), "--epochz", "1"]) == 2
 
 
-def _cli(args: list[str], **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "persrec.cli", "train", *args], env=env, **popen)
-
-
-def _flags(overrides: dict) -> list[str]:
-    flags = []
-    for key, value in overrides.items():
-        flags += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return flags
-
-
 WORKER = """
 import sys
 from safetensors.torch import save_file
@@ -129,17 +115,8 @@ def test_two_processes_hold_identical_weights_after_a_step(tiny_dataset, tmp_pat
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     overrides = tiny_overrides(tiny_dataset, tmp_path, max_steps=1)
-    with socket.socket() as probe:  # torchrun needs a concrete free port
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
+        *torchrun_command(2),
         str(script),
         json.dumps(overrides),
         str(tmp_path),
