@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -262,12 +263,20 @@ def _compile(command: list[str], target: Path) -> None:
         os.replace(built, target)
 
 
-def _build(compiler: str, flags: list[str], dk: int, dv: int) -> ctypes.CDLL:
-    """The compiled kernel for these flags and head widths, from the cache or built now."""
+def _build(compiler: str, flags: list[str], dk: int, dv: int, announce: bool = True) -> ctypes.CDLL:
+    """The compiled kernel for these flags and head widths, from the cache or built now (saying so once, since a
+    first step that pauses for seconds would otherwise look like a hang)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256("\0".join([_SOURCE, *flags, version]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"hstu_attention_{dk}x{dv}_{digest}.so"
     if not target.exists():
+        if announce:
+            print(
+                f"persrec: compiling the fused HSTU attention kernel for {dk}x{dv} heads, once "
+                f"(cached in {target.parent}; {ENV_SWITCH}=0 turns it off)",
+                file=sys.stderr,
+                flush=True,
+            )
         _compile([compiler, *flags, f"-DDK={dk}", f"-DDV={dv}"], target)
     return ctypes.CDLL(str(target))
 
@@ -285,7 +294,7 @@ def _library(dk: int, dv: int) -> ctypes.CDLL | None:
             library = _build(compiler, [*_FLAGS, _OPENMP], dk, dv)
             library.openmp = True
         except subprocess.CalledProcessError:
-            library = _build(compiler, list(_FLAGS), dk, dv)
+            library = _build(compiler, list(_FLAGS), dk, dv, announce=False)
             library.openmp = False
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)

@@ -240,3 +240,19 @@ def test_a_build_without_openmp_splits_the_work_over_python_threads(monkeypatch,
     finally:
         torch.set_num_threads(threads)
         hstu_native._library.cache_clear()
+
+
+@needs_native
+def test_the_first_build_says_so_in_one_line(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("PERSREC_CACHE_DIR", str(tmp_path))
+    hstu_native._library.cache_clear()
+    try:
+        capfd.readouterr()
+        assert hstu_native._library(8, 8) is not None
+        (line,) = capfd.readouterr().err.splitlines()
+        assert line.startswith("persrec: compiling the fused HSTU attention kernel for 8x8 heads")
+        hstu_native._library.cache_clear()
+        assert hstu_native._library(8, 8) is not None  # from the cache: silent
+        assert capfd.readouterr().err == ""
+    finally:
+        hstu_native._library.cache_clear()
