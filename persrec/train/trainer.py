@@ -148,7 +148,7 @@ class Trainer:
         self.stop = StopRequests()
         self._loss_sum: torch.Tensor | None = None
         self._epoch_started = time.perf_counter()
-        self._last_saved_step: int | None = None
+        self._last_saved: tuple[int, int, int, int] | None = None
         if resume_from is not None:
             self._restore(resume_from)
         if self.run_dir is None:
@@ -201,8 +201,8 @@ class Trainer:
 
     def _save(self) -> None:
         """Every rank contributes its RNG streams; rank 0 writes the checkpoint."""
-        if self._last_saved_step == self.state.global_step and self._loss_sum is not None:
-            return  # a stop request right after a periodic save: that checkpoint is this one
+        if self._last_saved == self._progress():
+            return  # e.g. a stop request right after a periodic save: that checkpoint is this one
         if self._loss_sum is not None:  # mid-epoch: remember the running loss and time of the epoch
             self.state.epoch_loss_sum = self._loss_sum.item()
             self.state.epoch_seconds = self._epoch_seconds()
@@ -227,7 +227,12 @@ class Trainer:
                 rng_states=states,
                 dataset_fingerprint=self.fingerprint,
             )
-        self._last_saved_step = self.state.global_step
+        self._last_saved = self._progress()
+
+    def _progress(self) -> tuple[int, int, int, int]:
+        """Where training stands; two saves at the same point would write the same checkpoint."""
+        state = self.state
+        return state.global_step, state.epoch, state.batch_in_epoch, len(state.history)
 
     def resume_command(self) -> str:
         launcher = (
