@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -321,3 +322,41 @@ def test_two_process_kill_and_resume_is_bit_for_bit(tiny_dataset, tmp_path):
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
     _assert_same_weights(_weights(tmp_path / "reference" / "run"), _weights(run))
     assert _metrics_rows(run) == _metrics_rows(tmp_path / "reference" / "run")
+
+
+# ---- the dataset travels with the weights --------------------------------------------------------------
+def test_relative_dataset_paths_are_stored_resolved(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_dataset.parent)
+    _train(tiny_overrides(Path(tiny_dataset.name), tmp_path, epochs=1, popularity_baseline="false"))
+    for saved in (tmp_path / "run" / "config.yaml", tmp_path / "run" / "best" / "config.yaml"):
+        assert load_config([saved]).dataset == str(tiny_dataset.resolve())
+
+
+def test_evaluate_refuses_another_dataset_unless_told(tiny_dataset, tmp_path, capsys):
+    from persrec.data.datasets.synthetic import generate_synthetic
+    from persrec.data.prepare import PrepareOptions, prepare_dataset
+    from tests.conftest import TINY
+
+    _train(tiny_overrides(tiny_dataset, tmp_path, epochs=1, popularity_baseline="false"))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    # other interactions (and another item count): refused, naming what differs
+    built = generate_synthetic(dataclasses.replace(TINY, seed=11), tmp_path / "raw-other")
+    prepare_dataset(built.interactions, tmp_path / "other", items=built.items, progress=False)
+    assert main(["evaluate", str(run), "--dataset", str(tmp_path / "other")]) == 2
+    assert "num_interactions" in capsys.readouterr().err
+    # the same interactions prepared with other options: same shapes, so only the fingerprint tells
+    built = generate_synthetic(TINY, tmp_path / "raw-same")
+    options = PrepareOptions(drop_duplicates=True)
+    prepare_dataset(built.interactions, tmp_path / "same", items=built.items, options=options, progress=False)
+    assert main(["evaluate", str(run), "--dataset", str(tmp_path / "same")]) == 2
+    assert "manifest_sha256" in capsys.readouterr().err
+    flags = [
+        "--dataset",
+        str(tmp_path / "same"),
+        "--allow_dataset_mismatch",
+        "true",
+        "--show_progress",
+        "false",
+    ]
+    assert main(["evaluate", str(run), *flags]) == 0
