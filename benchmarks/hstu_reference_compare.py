@@ -42,6 +42,10 @@ on the process CPU clock, which other processes' load does not inflate. `--quick
 2) and the number of rounds, for a check in a minute or two.
 
     python benchmarks/hstu_reference_compare.py --reference ../generative-recommenders --quick
+
+On a machine shared with other jobs set `OMP_WAIT_POLICY=PASSIVE`: with OpenMP's default spin-waiting, code
+made of many small parallel operations (persrec's tiled attention path) stalls at every barrier while a core
+is taken, which measures the load rather than either model (the policy is recorded in every row).
 """
 
 from __future__ import annotations
