@@ -24,11 +24,11 @@ from persrec.config import (
     Config,
     ConfigError,
     apply_overrides,
-    config_reference,
     format_value,
     load_config,
     parse_cli_overrides,
 )
+from persrec.config_reference import config_reference
 from persrec.data.schema import DataValidationError
 
 if TYPE_CHECKING:

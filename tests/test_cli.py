@@ -7,7 +7,7 @@ import pytest
 
 from persrec import __version__
 from persrec.cli import main
-from persrec.config import config_reference
+from persrec.config_reference import config_reference
 from tests.conftest import tiny_overrides
 
 

@@ -11,12 +11,12 @@ from persrec.config import (
     ConfigError,
     OptimArgs,
     config_keys,
-    config_reference,
     load_config,
-    measured_metrics,
     parse_cli_overrides,
     suggest_key,
 )
+from persrec.config_reference import config_reference
+from persrec.config_validation import measured_metrics
 
 
 def test_defaults_then_files_in_order_then_command_line(tmp_path):
