@@ -11,6 +11,7 @@ picks one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from persrec.models import hstu_native
-from persrec.models.mask_cache import PassMask, derived, mask_tensor
+from persrec.models.mask_cache import PassMask, any_sequence, derived, every_sequence, mask_tensor
 
 # Score tile size. Per-element costs were flat from 1 to 4 MiB on the 2-core EPYC we develop on (1 MiB L2 per
 # core); smaller tiles pay more Python and small-GEMM overhead per element.
@@ -53,6 +54,29 @@ def hstu_attention_reference(
     if dropout > 0:
         weights = F.dropout(weights, p=dropout)
     return weights @ v
+
+
+@dataclass(frozen=True)
+class GatheredBias:
+    """A relative bias still in its gather form: `table[index]` over (query, key) pairs.
+
+    Without autograd the tiled path gathers each tile's bias where it adds it, so the bias never exists as a
+    [B, L, S] tensor written once and read back per layer (more memory traffic than the gather itself: 13 of
+    the 74 ms of an ML-1M inference pass). The other paths call `dense()`.
+    """
+
+    table: Tensor  # [E] this layer's flattened bias table
+    index: Tensor  # [B or 1, L, S8] int32 entries of `table`, shared by every layer of the pass
+    keys: int  # S: the real key columns of `index`
+    dense: Callable[[], Tensor]  # the bias as [B, L, S]
+
+    def tile(self, g0: int, g1: int, q0: int, q1: int, k0: int, k1: int, buffer: Tensor) -> Tensor:
+        """The bias of batch elements [g0, g1) (one broadcast row when the index is shared), queries [q0, q1),
+        keys [k0, k1): [g1 - g0 or 1, q1 - q0, k1 - k0], gathered into `buffer`."""
+        rows = self.index[g0:g1] if self.index.shape[0] > 1 else self.index
+        index = rows[:, q0:q1, k0:k1]
+        flat = index.reshape(-1)
+        return torch.index_select(self.table, 0, flat, out=buffer[: flat.numel()]).view(index.shape)
 
 
 @dataclass(frozen=True)
@@ -102,8 +126,12 @@ def _build_plan(mask: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
     pad = (0, n_cols * block - keys, 0, n_rows * rows - length)
     # Padding counts as hidden for "some query sees the block" and as visible for "every query sees it", so a
     # ragged last block is judged by its real entries only.
-    seen = F.pad(mask.any(0), pad, value=False).view(n_rows, rows, n_cols, block).any(3).any(1).tolist()
-    full = F.pad(mask.all(0), pad, value=True).view(n_rows, rows, n_cols, block).all(3).all(1).tolist()
+    seen = (
+        F.pad(any_sequence(mask), pad, value=False).view(n_rows, rows, n_cols, block).any(3).any(1).tolist()
+    )
+    full = (
+        F.pad(every_sequence(mask), pad, value=True).view(n_rows, rows, n_cols, block).all(3).all(1).tolist()
+    )
     tiles = []
     for t in range(n_rows):
         visible = [j for j in range(n_cols) if seen[t][j]]
@@ -153,15 +181,17 @@ class _TiledHSTUAttention(torch.autograd.Function):
         v_t = v.transpose(-1, -2).reshape(batch * heads, dv, keys)
         out_t = q.new_zeros(batch * heads, dv, length)
         work = q.new_empty(plan.tile_elements)
+        bias_work = q.new_empty(plan.tile_elements) if isinstance(bias, GatheredBias) else None
         for g0 in range(0, batch, plan.group):
             g1 = min(batch, g0 + plan.group)
             h0, h1 = g0 * heads, g1 * heads
             for tile in plan.tiles:
-                scores = _scores(q_rows, k_t, bias, work, tile, g0, g1, heads)
+                scores = _scores(q_rows, k_t, bias, work, tile, g0, g1, heads, bias_work)
                 F.silu(scores, inplace=True)
                 _apply_strips(scores, tile, g0, g1, heads)
                 out_t[h0:h1, :, tile.q0 : tile.q1] = torch.bmm(v_t[h0:h1, :, tile.k0 : tile.k1], scores.mT)
-        ctx.save_for_backward(q_rows, k_t, v_t, bias)
+        # A GatheredBias comes only without autograd (see HSTULayer): there is no backward to save it for.
+        ctx.save_for_backward(q_rows, k_t, v_t, bias if isinstance(bias, Tensor) else None)
         ctx.plan, ctx.normaliser, ctx.heads = plan, normaliser, heads
         return out_t.view(batch, heads, dv, length).transpose(-1, -2).div_(normaliser)
 
@@ -228,14 +258,16 @@ def _view(buffer: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
 def _scores(
     q_rows: Tensor,
     k_t: Tensor,
-    bias: Tensor | None,
+    bias: Tensor | GatheredBias | None,
     buffer: Tensor,
     tile: _Tile,
     g0: int,
     g1: int,
     heads: int,
+    bias_work: Tensor | None = None,
 ) -> Tensor:
-    """Pre-activation scores of one tile for batch elements [g0, g1): [(g1 - g0) * H, rows, keys]."""
+    """Pre-activation scores of one tile for batch elements [g0, g1): [(g1 - g0) * H, rows, keys]; a
+    `GatheredBias` is gathered for the tile into `bias_work`."""
     h0, h1 = g0 * heads, g1 * heads
     rows, cols = tile.q1 - tile.q0, tile.k1 - tile.k0
     scores = torch.bmm(
@@ -243,7 +275,11 @@ def _scores(
         k_t[h0:h1, :, tile.k0 : tile.k1],
         out=_view(buffer, (h1 - h0, rows, cols)),
     )
-    if bias is not None:
+    if isinstance(bias, GatheredBias):
+        assert bias_work is not None, "a GatheredBias needs a work buffer"
+        tile_bias = bias.tile(g0, g1, tile.q0, tile.q1, tile.k0, tile.k1, bias_work)
+        scores.view(g1 - g0, heads, rows, cols).add_(tile_bias[:, None])
+    elif bias is not None:
         scores.view(g1 - g0, heads, rows, cols).add_(bias[g0:g1, None, tile.q0 : tile.q1, tile.k0 : tile.k1])
     return scores
 
@@ -253,7 +289,7 @@ def hstu_attention(
     k: Tensor,
     v: Tensor,
     mask: Tensor | PassMask,
-    bias: Tensor | None,
+    bias: Tensor | GatheredBias | None,
     normaliser: float,
     implementation: str = "auto",
 ) -> Tensor:
@@ -265,11 +301,14 @@ def hstu_attention(
     a CPU, a sync on a GPU): once per pass when the mask comes as the backbone's `PassMask`, on every call for a
     bare tensor. `native` insists on the fused kernel.
     """
+    dtype_probe = bias.table if isinstance(bias, GatheredBias) else bias
     if implementation == "auto":
         if q.is_cuda:
             implementation = "reference"
         else:
-            implementation = "native" if hstu_native.supports(q, k, v, bias) else "tiled"
+            implementation = "native" if hstu_native.supports(q, k, v, dtype_probe) else "tiled"
+    if isinstance(bias, GatheredBias) and implementation != "tiled":
+        bias = bias.dense()
     if implementation == "reference":
         return hstu_attention_reference(q, k, v, mask_tensor(mask), bias, normaliser)
     if implementation not in ("tiled", "native"):

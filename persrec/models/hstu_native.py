@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from persrec.models.mask_cache import PassMask, derived, mask_tensor
+from persrec.models.mask_cache import PassMask, any_sequence, derived, mask_tensor
 
 # Widest head (query/key or value width) the kernel is compiled for: its per-head vectors live in registers,
 # and wide heads are where the tiled path's GEMMs are efficient anyway.
@@ -354,7 +354,7 @@ def _build_mask_layout(mask: Tensor, keys8: int) -> tuple[Tensor, Tensor, Tensor
         mask = mask != 0  # the kernel reads one byte per entry
     keys = mask.shape[2]
     padded = F.pad(mask, (0, keys8 - keys)).contiguous()
-    seen = mask.any(0)  # [L, S]: some sequence lets row i see key j
+    seen = any_sequence(mask)  # [L, S]: some sequence lets row i see key j
     visible = seen.any(1)
     first = seen.to(torch.uint8).argmax(1)  # first True (argmax returns the first maximum)
     last = keys - 1 - seen.flip(1).to(torch.uint8).argmax(1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from torch import Tensor
 
 T = TypeVar("T")
@@ -48,3 +49,17 @@ def mask_tensor(mask: Tensor | PassMask) -> Tensor:
 def derived(mask: Tensor | PassMask, key: object, build: Callable[[], T]) -> T:
     """`build()`, computed once per pass for a `PassMask` and on every call for a bare tensor."""
     return mask.derived(key, build) if isinstance(mask, PassMask) else build()
+
+
+def any_sequence(mask: Tensor) -> Tensor:
+    """[B, L, S] boolean mask -> [L, S]: some sequence allows the entry.
+
+    Reduced as bytes: `Tensor.any(0)` over a boolean batch runs an order of magnitude slower than `amax` over
+    the same memory read as uint8 (2 ms against 0.1 ms for a [128, 200, 200] mask on a 2-core CPU).
+    """
+    return mask.view(torch.uint8).amax(0).bool() if mask.dtype == torch.bool else mask.any(0)
+
+
+def every_sequence(mask: Tensor) -> Tensor:
+    """[B, L, S] boolean mask -> [L, S]: every sequence allows the entry (as `any_sequence`, read as bytes)."""
+    return mask.view(torch.uint8).amin(0).bool() if mask.dtype == torch.bool else mask.all(0)

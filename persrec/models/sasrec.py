@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from persrec.models.base import BackboneConfig, SequenceBackbone
-from persrec.models.mask_cache import PassMask, derived, mask_tensor
+from persrec.models.mask_cache import PassMask, any_sequence, derived, mask_tensor
 
 # Query rows per attention call on a CPU. PyTorch's CPU attention kernels visit every key a call is given, so
 # the queries are split into blocks and each block only gets the key range its mask rows allow: half the work
@@ -19,7 +19,7 @@ def _block_ranges(mask: Tensor, rows: int) -> list[tuple[int, int, int, int]]:
     """(q0, q1, k0, k1) per block of `rows` queries: the keys any of them may see in any sequence, as one
     range. A block that sees nothing keeps every key, so it behaves exactly as an unsplit call would."""
     length, keys = mask.shape[1], mask.shape[2]
-    seen = mask.any(0)  # [L, S]
+    seen = any_sequence(mask)  # [L, S]
     blocks = -(-length // rows)
     padded = F.pad(seen, (0, 0, 0, blocks * rows - length)).view(blocks, rows, keys).any(1)  # [blocks, S]
     any_key = padded.any(1)

@@ -15,7 +15,7 @@ import persrec.models.hstu_attention as attention
 import persrec.models.sasrec as sasrec
 from persrec.models import BackboneConfig, build_backbone, hstu_native
 from persrec.models.experts import ExpertLayout, ExpertSequenceModel
-from persrec.models.hstu_attention import hstu_attention, hstu_attention_reference
+from persrec.models.hstu_attention import GatheredBias, hstu_attention, hstu_attention_reference
 from persrec.models.mask_cache import PassMask
 
 LAYERS = 4
@@ -109,7 +109,8 @@ def test_relative_bias_index_is_built_once_per_pass_and_matches_a_per_layer_bias
     real = attention.hstu_attention
 
     def recording(q, k, v, mask, bias, normaliser, implementation="auto"):
-        seen.append(bias.clone())  # under inference_mode the layers share one bias buffer
+        dense = bias.dense() if isinstance(bias, GatheredBias) else bias
+        seen.append(dense.clone())  # under inference_mode the layers share one bias buffer
         return real(q, k, v, mask, bias, normaliser, implementation)
 
     monkeypatch.setattr(hstu, "hstu_attention", recording)
@@ -196,3 +197,45 @@ def test_native_kernel_reads_a_padded_bias_in_place_and_copies_any_other():
     padded[:, :, keys:] = 1e30  # hidden columns: whatever finite values sit there must not matter
     out = hstu_native.native_hstu_attention(q, k, v, mask, view, 9.0)
     torch.testing.assert_close(out, hstu_attention_reference(q, k, v, mask, plain, 9.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["tiled", "reference"])
+def test_a_bias_gathered_per_tile_gives_the_dense_bias_results(monkeypatch, implementation):
+    """Without autograd the tiled path gathers each tile's bias itself: the same outputs, bit for bit, as
+    the bias gathered whole (full pass, and the expert cache's compress + predict with uneven tiles)."""
+    # small tiles, so tiles start at other rows and key blocks than 0 and the per-tile offsets matter
+    monkeypatch.setattr(attention, "TILE_ROWS", 8)
+    monkeypatch.setattr(attention, "KEY_BLOCK", 8)
+    monkeypatch.setattr(attention, "TILE_BYTES", 8 * 64 * 8)
+    layout = ExpertLayout(40, ((24, 2),))
+    model = ExpertSequenceModel(_model("HSTU", implementation, layout.length), layout).eval()
+    ids, times = _batch(40)
+    ids[:3, :7] = 0  # padded rows: a shared index would not apply, every row has its own
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            full = model.item_hidden_states(ids, times)
+            cache = model.compress(ids[:, :24], times[:, :24])
+            return full, model.predict_hidden(cache, ids[:, 24:], times[:, 24:])
+
+    gathered_types: list[type] = []
+    real = attention.hstu_attention
+
+    def recording(q, k, v, mask, bias, normaliser, implementation="auto"):
+        gathered_types.append(type(bias))
+        return real(q, k, v, mask, bias, normaliser, implementation)
+
+    monkeypatch.setattr(hstu, "hstu_attention", recording)
+    lazy = run()
+    assert set(gathered_types) == {GatheredBias}
+    monkeypatch.setattr(hstu.RelativeBias, "forward", _dense_forward)
+    gathered_types.clear()
+    dense = run()
+    assert set(gathered_types) == {torch.Tensor}
+    for a, b in zip(lazy, dense, strict=True):
+        assert torch.equal(a, b)
+
+
+def _dense_forward(self, shared, batch):
+    bias = shared.gather(self.table())[:, :, : shared.keys]
+    return bias if bias.shape[0] == batch else bias.expand(batch, -1, -1)
