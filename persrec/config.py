@@ -1,9 +1,9 @@
 """Typed run configuration: documented defaults, YAML files merged in order, dotted command-line overrides.
 
 Precedence, lowest first: the defaults below → each `--config_file` in the order given → command-line flags.
-Keys keep the names of the original PerSRec/HLLM scripts (`MAX_ITEM_LIST_LENGTH`, `pretrain_item_num`, ...) for
-the ID backbones, SASRec and HSTU; the text (HLLM) and Hugging Face options of those scripts are named as not
-supported yet. `persrec.train.build` turns the keys into the clearly named configs the library uses inside. Unknown keys are an error that names the key and suggests the closest one
+Keys keep the names of the original PerSRec/HLLM scripts (`MAX_ITEM_LIST_LENGTH`, `pretrain_item_num`,
+`text_keys`, ...). `persrec.train.build` turns the keys into the clearly named configs the library uses inside.
+Unknown keys are an error that names the key and suggests the closest one
 (case-insensitively, spelled as it must be typed), and `Config.validate` rejects out-of-range values before a run
 creates anything on disk.
 """
@@ -35,6 +35,8 @@ LOGGERS = ("csv", "tensorboard", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 # The dispatcher in persrec.models.hstu_attention accepts these names.
 ATTENTION_IMPLEMENTATIONS = ("auto", "native", "tiled", "reference")
+# transformers' kernels that honour persrec's 4-D masks exactly (LLaMAID, HLLM).
+HF_ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 COMMAND_LINE = "the command line"
 
 
@@ -80,7 +82,7 @@ class Config:
     # Size of the synthetic dataset (users); only for dataset=synthetic.
     synthetic_users: int = 2000
     # ---- model ----
-    # SASRec or HSTU (PersonalizedSASRec / PersonalizedHSTU accepted as aliases).
+    # SASRec, HSTU, LLaMAID or HLLM (Personalized<name> accepted as aliases, and llama_id / LLMIDRec).
     model: str = "HSTU"
     # Transformer / HSTU blocks.
     n_layers: int = 2
@@ -103,7 +105,26 @@ class Config:
     relative_position_bias: bool = False
     relative_time_bias: bool = False
     # HSTU attention kernel: auto (fused C kernel or tiled on CPU, batched on CUDA), native, tiled or reference.
+    # LLaMAID / HLLM: auto (= sdpa) or eager.
     attention_implementation: str = "auto"
+    # ---- Hugging Face backbones (LLaMAID, HLLM) ----
+    # User model of LLaMAID / HLLM: a local Hugging Face directory (config.json alone = random weights). None:
+    # a Llama with n_layers, n_heads and item_embedding_size as width.
+    user_pretrain_dir: str | None = None
+    # HLLM item model: a local Hugging Face directory (decoder or encoder) with its tokenizer.
+    item_pretrain_dir: str | None = None
+    # HLLM: item-table columns that make an item's text ("key: value" each, in this order).
+    text_keys: list[str] = field(default_factory=lambda: ["title"])
+    # HLLM: parquet of item text keyed by original item id (default: the prepared dataset's item table).
+    text_path: str | None = None
+    # HLLM: tokens of an item's text kept, prompt included.
+    MAX_TEXT_LENGTH: int = 256
+    # HLLM: learnable item tokens appended to each item's text; 0 = mean pooling over the text.
+    item_emb_token_n: int = 1
+    # HLLM: train the item model end to end (true), or freeze it and compute item embeddings once (false).
+    item_llm_trainable: bool = False
+    # HLLM: text before each item's fields.
+    item_prompt: str = "Compress the following sentence into embedding: "
     # ---- personalized experts (PerSRec) ----
     # k expert tokens; 0 = a plain backbone. PersonalizedHSTU / PersonalizedSASRec need k > 0.
     number_of_user_tokens: int = 0
@@ -268,13 +289,6 @@ def suggest_key(key: str, known: list[str] | None = None) -> str | None:
 NOT_SUPPORTED_YET = {
     name.lower(): name
     for name in (
-        "MAX_TEXT_LENGTH",
-        "text_keys",
-        "text_path",
-        "item_pretrain_dir",
-        "user_pretrain_dir",
-        "item_emb_token_n",
-        "item_llm_trainable",
         "gradient_checkpointing",
         "strategy",
         "stage",

@@ -11,6 +11,7 @@ from typing import Any
 
 from persrec.config import (
     ATTENTION_IMPLEMENTATIONS,
+    HF_ATTENTION_IMPLEMENTATIONS,
     LOGGERS,
     LOSSES,
     PRECISIONS,
@@ -106,16 +107,19 @@ def _check_numbers(config: Config) -> None:
 
 def _check_names(config: Config, training: bool) -> None:
     from persrec.models import canonical_model_name
+    from persrec.models.registry import is_hf_backbone
 
     _choice("loss", config.loss, LOSSES)
     _choice("optim_args.scheduler", config.optim_args.scheduler, SCHEDULERS)
     _choice("logger", config.logger, LOGGERS)
     _choice("precision", config.precision, PRECISIONS)
-    _choice("attention_implementation", config.attention_implementation, ATTENTION_IMPLEMENTATIONS)
     try:
         canonical_model_name(config.model)
     except ValueError as error:
         raise ConfigError(f"--model: {error}") from error
+    hf = is_hf_backbone(config.model)
+    kernels = HF_ATTENTION_IMPLEMENTATIONS if hf else ATTENTION_IMPLEMENTATIONS
+    _choice("attention_implementation", config.attention_implementation, kernels)
     measured = measured_metrics(config.topk)
     if training and config.valid_metric not in measured:
         name, _, cutoff = config.valid_metric.lower().partition("@")
@@ -212,6 +216,44 @@ def _check_environment(config: Config, training: bool) -> None:
         raise ConfigError(f"--checkpoint_dir {root}: expected a directory, found a file")
 
 
+def _check_hf(config: Config) -> None:
+    """The Hugging Face backbones' options: model directories exist locally (no hub) and the text settings."""
+    from persrec.models.registry import canonical_model_name, is_hf_backbone
+
+    hf_options = ("user_pretrain_dir", "item_pretrain_dir")
+    if not is_hf_backbone(config.model):
+        for option in hf_options:
+            if getattr(config, option):
+                raise ConfigError(
+                    f"--{option} is read by the LLaMAID and HLLM models only; --model is {config.model}"
+                )
+        return
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError(f"--model {config.model} needs transformers: pip install 'persrec[hf]'")
+    from persrec.hf.loading import resolve_model_dir
+
+    for option in hf_options:
+        if getattr(config, option):
+            resolve_model_dir(getattr(config, option), option)
+    if canonical_model_name(config.model) != "HLLM":
+        return
+    if not config.item_pretrain_dir:
+        raise ConfigError(
+            f"--model {config.model} needs --item_pretrain_dir: a local Hugging Face model directory of the item "
+            "model (persrec models list shows the ones found on this machine)"
+        )
+    if not config.text_keys:
+        raise _fail("text_keys", "one or more item-table columns such as title,description", config.text_keys)
+    if config.MAX_TEXT_LENGTH < 1:
+        raise _fail("MAX_TEXT_LENGTH", "an integer >= 1", config.MAX_TEXT_LENGTH)
+    if config.item_emb_token_n < 0:
+        raise _fail("item_emb_token_n", "an integer >= 0 (0 = mean pooling)", config.item_emb_token_n)
+    if config.text_path and not Path(config.text_path).is_file():
+        raise ConfigError(
+            f"--text_path {config.text_path}: no such file; expected a parquet keyed by item id"
+        )
+
+
 def validate_config(config: Config, *, training: bool = True) -> None:
     """Reject values no run can use, before a run directory, dataset cache or model is created.
 
@@ -224,4 +266,5 @@ def validate_config(config: Config, *, training: bool = True) -> None:
     _check_numbers(config)
     _check_names(config, training)
     _check_structure(config, training)
+    _check_hf(config)
     _check_environment(config, training)

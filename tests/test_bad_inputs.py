@@ -296,18 +296,48 @@ CASES = [
         write("w/model.safetensors", b"0"),
     ),
     Case("evaluate no argument", ["evaluate"], "evaluate: the following arguments are required: checkpoint"),
-    # ---- options of backbones persrec does not have yet ----
+    # ---- Hugging Face backbones ----
     Case(
-        "HLLM text_keys",
-        train("--text_keys", "title"),
-        "--text_keys (in the command line) is an option of the text",
+        "hub id as a model directory",
+        train("--model", "LLaMAID", "--user_pretrain_dir", "HuggingFaceTB/SmolLM2-135M"),
+        "looks like a hub id, but persrec loads models only from local directories",
     ),
-    Case("HLLM MAX_TEXT_LENGTH", train("--MAX_TEXT_LENGTH", "64"), "not supported yet"),
     Case(
-        "HLLM item_pretrain_dir in a file",
-        train("--config_file", "{tmp}/hllm.yaml"),
-        "--item_pretrain_dir (in {tmp}/hllm.yaml)",
-        write("hllm.yaml", "item_pretrain_dir: /models/qwen\n"),
+        "model directory without config.json",
+        train("--model", "LLaMAID", "--user_pretrain_dir", "{tmp}/empty"),
+        "--user_pretrain_dir {tmp}/empty: the directory has no config.json",
+        write("empty/README", "nothing here"),
+    ),
+    Case(
+        "pickled weights only",
+        train("--model", "LLaMAID", "--user_pretrain_dir", "{tmp}/pickled"),
+        "holds only pickled .bin weights",
+        lambda env: [
+            write("pickled/config.json", '{"model_type": "llama"}')(env),
+            write("pickled/pytorch_model.bin", b"not unpickled")(env),
+        ],
+    ),
+    Case(
+        "HSTU kernel for a Hugging Face model",
+        train("--model", "LLaMAID", "--attention_implementation", "native"),
+        "--attention_implementation: expected one of auto, sdpa, eager",
+    ),
+    Case(
+        "Hugging Face kernel for HSTU",
+        train("--attention_implementation", "sdpa"),
+        "--attention_implementation: expected one of auto, native, tiled, reference",
+    ),
+    Case(
+        "model directory for an ID model",
+        train("--user_pretrain_dir", "{tmp}"),
+        "--user_pretrain_dir is read by the LLaMAID and HLLM models only",
+    ),
+    Case("HLLM without an item model", train("--model", "HLLM"), "--model HLLM needs --item_pretrain_dir"),
+    Case(
+        "HLLM text length",
+        train("--model", "HLLM", "--item_pretrain_dir", "{tmp}/m", "--MAX_TEXT_LENGTH", "0"),
+        "--MAX_TEXT_LENGTH",
+        write("m/config.json", '{"model_type": "llama"}'),
     ),
     # ---- resume ----
     Case(

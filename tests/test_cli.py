@@ -92,7 +92,13 @@ def test_train_help_lists_every_key_with_type_default_and_doc(capsys):
     assert "  --optim_args.learning_rate  float, default: 0.001\n      AdamW learning rate" in out
     assert "  --topk  list of int, default: 5,10,50,200\n" in out
     headers = [line for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
-    assert headers[:4] == ["data:", "model:", "personalized experts (PerSRec):", "loss:"]
+    assert headers[:5] == [
+        "data:",
+        "model:",
+        "Hugging Face backbones (LLaMAID, HLLM):",
+        "personalized experts (PerSRec):",
+        "loss:",
+    ]
     assert "optimiser (optim_args.*):" in headers and "evaluation:" in headers
 
 

@@ -36,6 +36,11 @@ def resolve_model_dir(value: str | Path, option: str) -> Path:
                 f"--{option} {value}: the directory has no config.json (nor a .gguf file); expected a Hugging "
                 "Face model directory (persrec models list shows the local models persrec can find)"
             )
+        if not has_weights(path) and any(path.glob("*.bin")):
+            raise ConfigError(
+                f"--{option} {value}: holds only pickled .bin weights, which persrec never loads (they can run "
+                "code); convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))"
+            )
         return path.resolve()
     looks_like_hub_id = isinstance(value, str) and value.count("/") == 1 and not path.exists()
     if looks_like_hub_id:
@@ -69,11 +74,7 @@ def load_base_model(path: Path, *, option: str, attn_implementation: str = "sdpa
     transformers = require_transformers()
     transformers.utils.logging.disable_progress_bar()
     dtype = dtype or torch.float32
-    if not has_weights(path) and any(path.glob("*.bin")):
-        raise ConfigError(
-            f"--{option} {path}: holds only pickled .bin weights, which persrec never loads (they can run code); "
-            "convert them to safetensors (model.save_pretrained(dir, safe_serialization=True))"
-        )
+    path = resolve_model_dir(path, option)
     try:
         if has_weights(path):
             kwargs: dict[str, Any] = {"attn_implementation": attn_implementation, "dtype": dtype}

@@ -123,19 +123,24 @@ class SequenceBackbone(nn.Module):
     """Item-ID embeddings + learned positions + a stack of attention layers (defined by subclasses).
 
     Subclasses implement `_layers_forward`. Everything a training step, the evaluator or the expert mechanism
-    needs goes through `embed_items`, `input_embeddings`, `encode` and `forward`.
+    needs goes through `embed_items`, `input_embeddings`, `encode` and `forward`. A backbone whose layers encode
+    positions themselves (the Hugging Face decoders: rotary or their own tables) sets `learned_positions = False`.
     """
+
+    learned_positions = True
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         self.config = config
         dim = config.embedding_dim
         self.item_embedding = nn.Embedding(config.num_items + 1, dim, padding_idx=0)
-        self.position_embedding = nn.Embedding(config.max_positions, dim)
+        if self.learned_positions:
+            self.position_embedding = nn.Embedding(config.max_positions, dim)
         self.input_dropout = nn.Dropout(config.dropout)
         self.embedding_scale = math.sqrt(dim)
         nn.init.normal_(self.item_embedding.weight, std=config.item_init_std)
-        nn.init.normal_(self.position_embedding.weight, std=dim**-0.5)
+        if self.learned_positions:
+            nn.init.normal_(self.position_embedding.weight, std=dim**-0.5)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 

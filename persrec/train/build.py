@@ -12,6 +12,7 @@ from persrec.data.store import PreparedDataset
 from persrec.models import BackboneConfig, build_backbone, canonical_model_name
 from persrec.models.experts import ExpertLayout, ExpertSequenceModel
 from persrec.models.recommender import ExpertOptions, ExpertRecommender, SequentialRecommender
+from persrec.models.registry import is_hf_backbone
 from persrec.train.loss import NCEConfig
 
 
@@ -86,7 +87,15 @@ def build_model(
 ) -> SequentialRecommender | ExpertRecommender:
     """The recommender a config describes; `num_users` sizes the optional per-user expert table."""
     try:
-        backbone = build_backbone(canonical_model_name(config.model), backbone_config(config, num_items))
+        shape = backbone_config(config, num_items)
+        if is_hf_backbone(config.model):
+            from persrec.train.hf_build import build_hf_backbone
+
+            backbone = build_hf_backbone(config, shape)
+        else:
+            backbone = build_backbone(canonical_model_name(config.model), shape)
+    except ConfigError:
+        raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
     layout = expert_layout(config)
