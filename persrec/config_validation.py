@@ -216,8 +216,10 @@ def _check_environment(config: Config, training: bool) -> None:
         raise ConfigError(f"--checkpoint_dir {root}: expected a directory, found a file")
 
 
-def _check_hf(config: Config) -> None:
-    """The Hugging Face backbones' options: model directories exist locally (no hub) and the text settings."""
+def _check_hf(config: Config, training: bool) -> None:
+    """The Hugging Face backbones' options: model directories exist locally (no hub) and the text settings.
+
+    Evaluating saved weights needs no model directory when the architecture was saved beside them."""
     from persrec.models.registry import canonical_model_name, is_hf_backbone
 
     hf_options = ("user_pretrain_dir", "item_pretrain_dir")
@@ -233,7 +235,7 @@ def _check_hf(config: Config) -> None:
     from persrec.hf.loading import resolve_model_dir
 
     for option in hf_options:
-        if getattr(config, option):
+        if getattr(config, option) and training:
             resolve_model_dir(getattr(config, option), option)
     if canonical_model_name(config.model) != "HLLM":
         return
@@ -266,5 +268,5 @@ def validate_config(config: Config, *, training: bool = True) -> None:
     _check_numbers(config)
     _check_names(config, training)
     _check_structure(config, training)
-    _check_hf(config)
+    _check_hf(config, training)
     _check_environment(config, training)

@@ -6,6 +6,8 @@ persrec keys describe.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from persrec.hf.loading import require_transformers
@@ -65,6 +67,13 @@ def decoder_config(
         pad_token_id=0,
         attention_dropout=dropout,
     )
+
+
+def decoder_config_from_json(path: Path) -> Any:
+    """A transformers config from a saved config.json (any architecture transformers knows)."""
+    transformers = require_transformers()
+    values = json.loads(path.read_text())
+    return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def build_decoder(config: Any, attn_implementation: str = "sdpa") -> Any:

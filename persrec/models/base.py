@@ -237,3 +237,8 @@ class SequenceBackbone(nn.Module):
 
     def _output_norm(self, hidden: Tensor) -> Tensor:
         return hidden
+
+    def architecture_files(self) -> dict[str, str]:
+        """Files (name -> text) that rebuild this backbone's architecture beside its weights, beyond the run's
+        config: none for the ID backbones, the decoder's config.json for the Hugging Face ones."""
+        return {}

@@ -22,6 +22,8 @@ from persrec.models.base import BackboneConfig, KVCache, SequenceBackbone, full_
 
 # transformers' names of the kernels that honour persrec's masks exactly (see persrec.hf notes in the README).
 HF_ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+# The user decoder's config.json, as saved beside a model's weights.
+USER_MODEL_CONFIG = "user_model_config.json"
 
 
 def decoder_width(decoder: Any) -> int:
@@ -133,6 +135,10 @@ class HFDecoderBackbone(SequenceBackbone):
         values = [v[:, :, start:] for _, v in pairs]
         valid = torch.ones_like(positions, dtype=torch.bool)
         return hidden, KVCache(keys, values, positions, timestamps, valid)
+
+    def architecture_files(self) -> dict[str, str]:
+        # Saved beside the weights so a model directory rebuilds without the original --user_pretrain_dir.
+        return {USER_MODEL_CONFIG: self.decoder.config.to_json_string()}
 
     # ---- scale ---------------------------------------------------------------------------------------------
     def shardable_layers(self) -> list[nn.Module]:

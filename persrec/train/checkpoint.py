@@ -275,8 +275,15 @@ def load_rng_state(checkpoint: Path, rank: int, world_size: int) -> dict[str, An
     return data["ranks"][rank]
 
 
-def save_model_files(directory: Path, config: Config, fingerprint: dict[str, Any], dataset_dir: Path) -> None:
-    """What a set of weights needs to be used on its own (best/): config, dataset fingerprint, item id map.
+def save_model_files(
+    directory: Path,
+    config: Config,
+    fingerprint: dict[str, Any],
+    dataset_dir: Path,
+    model: torch.nn.Module | None = None,
+) -> None:
+    """What a set of weights needs to be used on its own (best/): config, dataset fingerprint, item id map,
+    and the backbone's architecture files (a Hugging Face decoder's config) when `model` has any.
 
     The id map turns the model's dense item indices back into the dataset's original item ids; it is copied
     only when missing or different, since a large catalogue's map is not small.
@@ -289,6 +296,10 @@ def save_model_files(directory: Path, config: Config, fingerprint: dict[str, Any
             shutil.copyfile(dataset_dir / ITEM_IDS_FILE, tmp)
     save_config(config, directory / "config.yaml")
     atomic_write_json(directory / "dataset.json", fingerprint)
+    if model is not None:
+        backbone = getattr(model, "module", model).backbone
+        for name, text in backbone.architecture_files().items():
+            atomic_write_text(directory / name, text)
 
 
 def load_dataset_fingerprint(directory: Path) -> dict[str, Any] | None:

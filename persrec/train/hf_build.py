@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from persrec.config import Config, ConfigError
 from persrec.hf.loading import load_base_model, resolve_model_dir
-from persrec.hf.tiny import build_decoder, decoder_config
+from persrec.hf.tiny import build_decoder, decoder_config, decoder_config_from_json
 from persrec.models.base import BackboneConfig
-from persrec.models.hf_decoder import HFDecoderBackbone
+from persrec.models.hf_decoder import USER_MODEL_CONFIG, HFDecoderBackbone
 from persrec.models.registry import canonical_model_name
 
 
@@ -15,9 +17,13 @@ def hf_attention(config: Config) -> str:
     return "sdpa" if config.attention_implementation == "auto" else config.attention_implementation
 
 
-def build_user_decoder(config: Config, max_positions: int):
-    """The user model: from `user_pretrain_dir`, or a Llama sized by the persrec keys when none is given."""
+def build_user_decoder(config: Config, max_positions: int, model_dir: Path | None = None):
+    """The user model: the architecture saved in `model_dir` (random weights, to be loaded), else from
+    `user_pretrain_dir`, else a Llama sized by the persrec keys."""
     attention = hf_attention(config)
+    saved = None if model_dir is None else model_dir / USER_MODEL_CONFIG
+    if saved is not None and saved.is_file():
+        return build_decoder(decoder_config_from_json(saved), attention)
     if config.user_pretrain_dir:
         path = resolve_model_dir(config.user_pretrain_dir, "user_pretrain_dir")
         return load_base_model(path, option="user_pretrain_dir", attn_implementation=attention)
@@ -39,10 +45,12 @@ def build_user_decoder(config: Config, max_positions: int):
     return build_decoder(llama, attention)
 
 
-def build_hf_backbone(config: Config, backbone: BackboneConfig) -> HFDecoderBackbone:
+def build_hf_backbone(
+    config: Config, backbone: BackboneConfig, model_dir: Path | None = None
+) -> HFDecoderBackbone:
     """LLaMAID: an item-ID table (projected when its width differs from the decoder's) into the decoder."""
     name = canonical_model_name(config.model)
-    decoder = build_user_decoder(config, backbone.max_positions)
+    decoder = build_user_decoder(config, backbone.max_positions, model_dir)
     try:
         if name == "LLaMAID":
             return HFDecoderBackbone(backbone, decoder)

@@ -74,8 +74,12 @@ def _value(config: Config, dotted: str) -> Any:
     return value
 
 
+# Keys naming files or directories, stored resolved in a run's config.
+PATH_KEYS = ("dataset", "user_pretrain_dir", "item_pretrain_dir", "text_path")
+
+
 def _canonical(key: str, value: Any) -> Any:
-    if key == "dataset" and isinstance(value, str) and Path(value).exists():
+    if key in PATH_KEYS and isinstance(value, str) and Path(value).exists():
         return str(Path(value).resolve())
     return value
 

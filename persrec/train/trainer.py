@@ -40,7 +40,7 @@ from persrec.train.distributed import DistributedContext
 from persrec.train.interrupt import StopRequests, TrainingInterrupted
 from persrec.train.logging import build_logger
 from persrec.train.loss import SampledSoftmaxLoss
-from persrec.train.resume import run_dir_of, training_finished
+from persrec.train.resume import PATH_KEYS, run_dir_of, training_finished
 from persrec.train.schedule import build_optimizer
 
 LOG_EVERY = 20
@@ -100,8 +100,11 @@ class Trainer:
         ctx.barrier()
         if not ctx.is_main:
             self.store = load_dataset(config, progress=False)
-        if Path(config.dataset).expanduser().is_dir():  # stored resolved: the run must not depend on its cwd
-            config = config.replace(dataset=str(Path(config.dataset).expanduser().resolve()))
+        # Paths are stored resolved: the run must not depend on its working directory.
+        for key in PATH_KEYS:
+            value = getattr(config, key)
+            if value and Path(value).expanduser().exists():
+                config = config.replace(**{key: str(Path(value).expanduser().resolve())})
         self.config = config
         self.fingerprint = dataset_fingerprint(self.store)
         self.window = window_config(config)
@@ -344,7 +347,7 @@ class Trainer:
 
     def _save_best(self, best_dir: Path) -> None:
         if self.ctx.is_main:
-            ckpt.save_model_files(best_dir, self.config, self.fingerprint, self.store.path)
+            ckpt.save_model_files(best_dir, self.config, self.fingerprint, self.store.path, self.model)
             ckpt.save_weights(self.model, best_dir / "model.safetensors")
 
     def fit(self) -> RunResult:
@@ -423,7 +426,9 @@ class Trainer:
         if baseline is not None:
             results["test (popularity baseline)"] = baseline
         if self.ctx.is_main:
-            ckpt.save_model_files(best_path.parent, self.config, self.fingerprint, self.store.path)
+            ckpt.save_model_files(
+                best_path.parent, self.config, self.fingerprint, self.store.path, self.model
+            )
             atomic_write_json(self.run_dir / "results.json", self._summary(results))
             self.logger.log(self.state.global_step, {f"test/{k}": v for k, v in test.items() if k != "count"})
             self.logger.close()
