@@ -1,4 +1,4 @@
-"""`persrec` command line: prepare | convert | train | evaluate | quickstart.
+"""`persrec` command line: prepare | convert | train | evaluate | quickstart | models.
 
 Training flags follow the original PerSRec/HLLM scripts: `persrec train --config_file a.yaml b.yaml --loss nce
 --epochs 5 --dataset ml-1m --optim_args.learning_rate 1e-3`. Any config key is a flag (`--key value`, dotted for
@@ -339,12 +339,19 @@ def cmd_convert(argv: list[str]) -> int:
     return 0
 
 
+def cmd_models(argv: list[str]) -> int:
+    from persrec.hf.models_cli import cmd_models as run_models
+
+    return run_models(argv)
+
+
 COMMANDS = {
     "quickstart": cmd_quickstart,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "prepare": cmd_prepare,
     "convert": cmd_convert,
+    "models": cmd_models,
 }
 
 
@@ -355,6 +362,7 @@ COMMAND_SUMMARIES = {
     "evaluate": "re-score a run's or a checkpoint's weights on the validation and test splits",
     "prepare": "build a prepared dataset directory from interaction parquet",
     "convert": "convert a CSV/TSV/.dat file to parquet",
+    "models": "list local pretrained models (Hugging Face) or convert one to a plain directory",
 }
 
 

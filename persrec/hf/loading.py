@@ -90,3 +90,21 @@ def load_base_model(path: Path, *, option: str, attn_implementation: str = "sdpa
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"--{option} {path}: could not load the model ({first_line})") from None
+
+
+def load_tokenizer(path: Path, *, option: str) -> Any:
+    """The tokenizer saved beside the model (`tokenizer.json` and friends, or the one inside a GGUF file)."""
+    transformers = require_transformers()
+    kwargs: dict[str, Any] = {}
+    ggufs = gguf_files(path)
+    has_tokenizer_files = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if ggufs and not has_tokenizer_files:
+        kwargs["gguf_file"] = ggufs[0].name
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"--{option} {path}: could not load a tokenizer from the model directory ({first_line}); "
+            "expected tokenizer.json (or tokenizer_config.json with its vocabulary) beside config.json"
+        ) from None
