@@ -44,7 +44,9 @@ def evaluate_checkpoint(path: Path, overrides: dict[str, Any]) -> int:
             str(weights),
             allow=config.allow_dataset_mismatch,
         )
-        model = build_model(config, store.num_items, store.num_users, model_dir=weights.parent).to(ctx.device)
+        model = build_model(
+            config, store.num_items, store.num_users, model_dir=weights.parent, dataset_dir=store.path
+        ).to(ctx.device)
         ckpt.load_weights(model, weights)
         window = window_config(config)
         eval_config = EvalConfig(ks=tuple(config.topk), filter_seen=config.filter_seen, ties="pessimistic")

@@ -83,19 +83,24 @@ def nce_config(config: Config) -> NCEConfig:
 
 
 def build_model(
-    config: Config, num_items: int, num_users: int = 0, model_dir: Path | None = None
+    config: Config,
+    num_items: int,
+    num_users: int = 0,
+    model_dir: Path | None = None,
+    dataset_dir: Path | None = None,
 ) -> SequentialRecommender | ExpertRecommender:
     """The recommender a config describes; `num_users` sizes the optional per-user expert table.
 
     `model_dir`: a directory of saved weights whose architecture files (a Hugging Face decoder's config) are
     used instead of the config's model directories, whose weights are about to be replaced anyway.
+    `dataset_dir`: the prepared dataset, whose item table gives HLLM its item texts.
     """
     try:
         shape = backbone_config(config, num_items)
         if is_hf_backbone(config.model):
             from persrec.train.hf_build import build_hf_backbone
 
-            backbone = build_hf_backbone(config, shape, model_dir)
+            backbone = build_hf_backbone(config, shape, model_dir, dataset_dir)
         else:
             backbone = build_backbone(canonical_model_name(config.model), shape)
     except ConfigError:

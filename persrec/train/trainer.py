@@ -108,7 +108,9 @@ class Trainer:
         self.config = config
         self.fingerprint = dataset_fingerprint(self.store)
         self.window = window_config(config)
-        self.model = build_model(config, self.store.num_items, self.store.num_users).to(ctx.device)
+        self.model = build_model(
+            config, self.store.num_items, self.store.num_users, dataset_dir=self.store.path
+        ).to(ctx.device)
         self.loss = SampledSoftmaxLoss(nce_config(config), self.store.num_items).to(ctx.device)
         self.train_set = TrainSequences(self.store, self.window, held_out=2 if config.validation_split else 1)
         if len(self.train_set) == 0:

@@ -1,0 +1,85 @@
+"""HLLM: an item LLM turns each item's text into an embedding; a user LLM reads the sequence of those embeddings.
+
+The user side is `HFDecoderBackbone` (so expert tokens, masks and the exact expert cache work as for every
+backbone); only where item vectors come from changes:
+
+- frozen item LLM (`item_llm_trainable false`): every item is embedded once (cached on disk by the item model,
+  text and settings, see `persrec.hf.embedding_cache`) into a table saved with the weights, so a trained model is
+  served without the item LLM;
+- trainable item LLM: item vectors are computed from text in every step (each distinct item of a call once),
+  gradients flowing into the item LLM and its item tokens; outside training all items are embedded once per
+  evaluation and reused until the model trains again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from persrec.models.base import BackboneConfig
+from persrec.models.hf_decoder import HFDecoderBackbone
+
+if TYPE_CHECKING:
+    from persrec.hf.item_encoder import ItemTextEncoder
+
+# The item model's config.json, saved beside an HLLM model's weights.
+ITEM_MODEL_CONFIG = "item_model_config.json"
+
+
+class HLLMBackbone(HFDecoderBackbone):
+    """User LLM over item-LLM embeddings (width `config.embedding_dim` = the item LLM's hidden size)."""
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        decoder: nn.Module,
+        *,
+        item_encoder: ItemTextEncoder | None = None,
+        item_table: Tensor | None = None,
+        item_model_config: str | None = None,
+    ) -> None:
+        if (item_encoder is None) == (item_table is None):
+            raise ValueError("HLLM needs exactly one of a trainable item encoder or a frozen item table")
+        super().__init__(config, decoder)
+        # The ID table of the base class is not used: items are known by their text.
+        self.item_embedding = None
+        self.item_encoder = item_encoder
+        self._item_model_config = item_model_config
+        if item_table is not None:
+            expected = (config.num_items + 1, config.embedding_dim)
+            if tuple(item_table.shape) != expected:
+                raise ValueError(f"the item table has shape {tuple(item_table.shape)}, expected {expected}")
+            self.register_buffer("item_table", item_table.float().clone())
+        self._evaluation_table: Tensor | None = None
+
+    @property
+    def frozen_items(self) -> bool:
+        return self.item_encoder is None
+
+    def train(self, mode: bool = True) -> HLLMBackbone:
+        self._evaluation_table = None  # item vectors change once the item LLM trains again
+        return super().train(mode)
+
+    def item_vectors(self, item_ids: Tensor) -> Tensor:
+        if self.frozen_items:
+            return self.item_table[item_ids]
+        if not self.training or not torch.is_grad_enabled():
+            return self.all_item_vectors()[item_ids]
+        return self.item_encoder.embed(item_ids).float()
+
+    def all_item_vectors(self) -> Tensor:
+        if self.frozen_items:
+            return self.item_table
+        if self.training and torch.is_grad_enabled():
+            return self.item_encoder.embed(torch.arange(self.config.num_items + 1)).float()
+        if self._evaluation_table is None:
+            self._evaluation_table = self.item_encoder.embed_all().float()
+        return self._evaluation_table
+
+    def architecture_files(self) -> dict[str, str]:
+        files = super().architecture_files()
+        if self._item_model_config is not None:
+            files[ITEM_MODEL_CONFIG] = self._item_model_config
+        return files
