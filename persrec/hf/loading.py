@@ -28,8 +28,15 @@ def require_transformers() -> Any:
 
 
 def resolve_model_dir(value: str | Path, option: str) -> Path:
-    """A local model directory; a hub id or a missing path is an error that says what to pass instead."""
+    """A local model directory, or the name of a model `persrec models list` finds (e.g. all-minilm-l6-v2);
+    a hub id or a missing path is an error that says what to pass instead."""
     path = Path(value).expanduser()
+    if not path.exists() and isinstance(value, str) and "/" not in value:
+        from persrec.hf.catalog import find_local_models
+
+        named = [model.path for model in find_local_models() if model.name == value]
+        if named:
+            path = named[0]
     if path.is_dir():
         if not (path / "config.json").is_file() and not gguf_files(path):
             raise ConfigError(

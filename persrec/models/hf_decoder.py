@@ -36,6 +36,15 @@ def decoder_positions(decoder: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def shared_positions(positions: Tensor) -> Tensor:
+    """[1, L] when every sequence has the same positions (an expanded row, as the expert mechanism passes):
+    the decoder then computes its rotary tables once instead of once per sequence. Read from the strides, so
+    nothing waits for the device."""
+    if positions.shape[0] > 1 and positions.stride(0) == 0:
+        return positions[:1]
+    return positions
+
+
 class HFDecoderBackbone(SequenceBackbone):
     """Item vectors -> a transformers decoder -> hidden states, under any boolean mask, with key/value caches.
 
@@ -117,7 +126,7 @@ class HFDecoderBackbone(SequenceBackbone):
         arguments: dict[str, Any] = {
             "inputs_embeds": self.input_dropout(inputs),
             "attention_mask": self._attention_mask(mask, inputs.dtype),
-            "position_ids": positions,
+            "position_ids": shared_positions(positions),
             "use_cache": return_cache or cache is not None,
         }
         if cache is not None:
