@@ -21,7 +21,8 @@ from persrec.data.store import ITEM_IDS_FILE, PreparedDataset
 _VOLATILE_MANIFEST_KEYS = {"source"}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (files may be large)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -37,7 +38,7 @@ def dataset_fingerprint(store: PreparedDataset) -> dict[str, Any]:
         "num_items": store.num_items,
         "num_interactions": store.num_interactions,
         "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
-        "item_id_map_sha256": _sha256_file(store.path / ITEM_IDS_FILE),
+        "item_id_map_sha256": sha256_file(store.path / ITEM_IDS_FILE),
     }
 
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from persrec.atomic import atomic_path
+from persrec.data.fingerprint import sha256_file
 from persrec.hf.item_encoder import ItemTextEncoder
 
 CACHE_FORMAT = "persrec-item-embeddings-v1"
@@ -41,14 +42,6 @@ class CachedEmbeddings:
     reason: str
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_files_identity(model_dir: Path) -> list[dict[str, Any]]:
     """One entry per file of the model directory (top level, sorted by name)."""
     entries = []
@@ -58,7 +51,7 @@ def model_files_identity(model_dir: Path) -> list[dict[str, Any]]:
         stat = path.stat()
         entry: dict[str, Any] = {"name": path.name, "size": stat.st_size}
         if stat.st_size <= CONTENT_HASH_LIMIT:
-            entry["sha256"] = _sha256_file(path)
+            entry["sha256"] = sha256_file(path)
         else:
             entry["mtime_ns"] = stat.st_mtime_ns
         entries.append(entry)
