@@ -252,8 +252,17 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
+    if any(a == "--format" or a.startswith("--format=") for a in argv):
+        from persrec.cli_prepare import cmd_prepare_format
+
+        return cmd_prepare_format(argv)
     parser = CommandParser(
         prog="persrec prepare", description="Build a prepared dataset directory from interaction parquet."
+    )
+    parser.add_argument(
+        "--format",
+        help="build from a public dataset's raw files instead: ebnerd, merrec, pixelrec, amazon-reviews, "
+        "movielens (persrec prepare --format NAME --help lists its options)",
     )
     parser.add_argument("--input", required=True, type=Path, help="interactions parquet file or directory")
     parser.add_argument("--output", required=True, type=Path, help="prepared dataset directory to create")
