@@ -24,12 +24,11 @@ copies in shared/data: Toys 19,124 users / 11,758 items / 165,247 interactions, 
 from __future__ import annotations
 
 import csv
-import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from persrec.config import ConfigError
-from persrec.data.datasets.amazon_meta import write_meta_parquet
+from persrec.data.datasets.amazon_meta import clean_text, write_meta_parquet
 from persrec.data.datasets.builder_io import (
     copy_to_parquet,
     duck,
@@ -199,13 +198,17 @@ def _write_single_pass(con, sql: str, out: Path, k: int = 5) -> None:  # noqa: A
         staged.unlink(missing_ok=True)
 
 
+def _clean_title(text: str | None) -> str | None:
+    return clean_text(text)
+
+
 def _processed_items(con, path: Path, out: Path) -> None:  # noqa: ANN001 - a DuckDB connection
     header = next(csv.reader(read_head_lines(path, 1)), [])
     require_columns(path, header, ["item_id", "title"], "a processed items.csv.gz")
-    con.create_function("persrec_unescape", html.unescape, ["VARCHAR"], "VARCHAR")
+    con.create_function("persrec_clean_text", _clean_title, ["VARCHAR"], "VARCHAR")
     copy_to_parquet(
         con,
-        "SELECT item_id, NULLIF(trim(persrec_unescape(title)), '') AS title FROM read_csv("
+        "SELECT item_id, persrec_clean_text(title) AS title FROM read_csv("
         f"{sql_path(path)}, header=true, columns={{'item_id': 'VARCHAR', 'title': 'VARCHAR'}}) ORDER BY item_id",
         out,
     )

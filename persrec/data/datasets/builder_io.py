@@ -146,6 +146,6 @@ def nonempty_text_sql(expr: str) -> str:
 def joined_list_sql(expr: str, separator: str = ", ") -> str:
     """A list of strings as one string (blank elements dropped), NULL for a missing or empty list."""
     return (
-        f"NULLIF(array_to_string(list_filter(list_transform({expr}, x -> trim(CAST(x AS VARCHAR))), "
-        f"x -> x <> ''), {quote_literal(separator)}), '')"
+        f"NULLIF(array_to_string(list_filter(list_transform({expr}, lambda x: trim(CAST(x AS VARCHAR))), "
+        f"lambda x: x <> ''), {quote_literal(separator)}), '')"
     )

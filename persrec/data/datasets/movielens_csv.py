@@ -23,6 +23,8 @@ import pyarrow as pa
 from persrec.data.datasets.builder_io import copy_to_parquet, duck, read_head_lines, require_columns, sql_path
 from persrec.data.datasets.movielens import (
     INTERACTIONS_FILE,
+    ML_1M_CORE_FILES,
+    ML_1M_RAW_FILES,
     ITEMS_FILE,
     BuiltDataset,
     _aggregate_tags,
@@ -68,7 +70,8 @@ def layout(root: Path) -> str:
 def input_files(path: Path, options: MovielensOptions) -> list[Path]:
     root = _root(path)
     if layout(root) == "ml-1m":
-        return [root / "ratings.dat", root / "movies.dat"]
+        names = ML_1M_RAW_FILES if ml_1m_layout(root) == "grouplens" else ML_1M_CORE_FILES
+        return [root / n for n in names]
     return [root / f for f in [*CSV_FILES, "tags.csv"] if (root / f).is_file()]
 
 
