@@ -23,9 +23,9 @@ import pyarrow as pa
 from persrec.data.datasets.builder_io import copy_to_parquet, duck, read_head_lines, require_columns, sql_path
 from persrec.data.datasets.movielens import (
     INTERACTIONS_FILE,
+    ITEMS_FILE,
     ML_1M_CORE_FILES,
     ML_1M_RAW_FILES,
-    ITEMS_FILE,
     BuiltDataset,
     _aggregate_tags,
     _items_table,
