@@ -267,7 +267,11 @@ CASES = [
     Case("stray argument", train("stray"), "unexpected argument 'stray'"),
     Case("quickstart key", ["quickstart", "--checkpoint_dir", "{tmp}", "--epochz", "1"], "--epochs"),
     # ---- datasets, packages and devices ----
-    Case("dataset name", train("--dataset", "ml-2m"), "named dataset (ml-1m, ml-latest-small, synthetic)"),
+    Case(
+        "dataset name",
+        train("--dataset", "ml-2m"),
+        "named dataset (amazon-reviews, eb_nerd_512, ebnerd, merrec, merrec_2000, ml-1m, ml-latest-small",
+    ),
     Case("dataset path", train("--dataset", "{tmp}/nowhere/data"), "no prepared dataset at"),
     Case("dataset dir", train("--dataset", "{tmp}/raw"), "not a prepared dataset", write("raw/a.csv", "1")),
     Case(
