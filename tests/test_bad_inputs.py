@@ -508,6 +508,12 @@ CASES = [
         ),
     ),
     Case(
+        "amazon bad rating deep in the file",
+        prepare_format("amazon-reviews"),
+        "ratings_Toys.csv: cannot read it (Conversion Error: CSV Error on Line: 4 Original Line: A,E,x,2",
+        raw_files({"in/ratings_Toys.csv": "A,B,5.0,1\nA,C,4.0,2\nA,D,4.0,2\nA,E,x,2\n"}),
+    ),
+    Case(
         "pixelrec given movielens ratings",
         prepare_format("pixelrec"),
         "missing column(s) item_id, user_id; a PixelRec interaction CSV (with header) needs",

@@ -176,14 +176,14 @@ def _ratings_sql(files: AmazonFiles) -> str:
     )
 
 
-def _write_single_pass(con, sql: str, out: Path, k: int = 5) -> None:  # noqa: ANN001 - a DuckDB connection
+def _write_single_pass(con, sql: str, out: Path, source: Path, k: int = 5) -> None:  # noqa: ANN001 - a DuckDB connection
     """One pass: items with fewer than ``k`` ratings go, then users with fewer than ``k`` of the rest.
 
     The ratings are staged to parquet first so that the filtered rows can be put back in file order (the
     tie-break ``prepare`` uses for equal timestamps) whatever order the joins produce."""
     staged = out.with_name(f".{out.name}.all")
     try:
-        copy_to_parquet(con, sql, staged)
+        copy_to_parquet(con, sql, staged, source)
         r = f"read_parquet({sql_path(staged)}, file_row_number=true)"
         copy_to_parquet(
             con,
@@ -193,6 +193,7 @@ def _write_single_pass(con, sql: str, out: Path, k: int = 5) -> None:  # noqa: A
             f"ku AS (SELECT user_id FROM r2 GROUP BY user_id HAVING count(*) >= {k}) "
             "SELECT * EXCLUDE (file_row_number) FROM r2 SEMI JOIN ku USING (user_id) ORDER BY file_row_number",
             out,
+            source,
         )
     finally:
         staged.unlink(missing_ok=True)
@@ -211,6 +212,7 @@ def _processed_items(con, path: Path, out: Path) -> None:  # noqa: ANN001 - a Du
         "SELECT item_id, persrec_clean_text(title) AS title FROM read_csv("
         f"{sql_path(path)}, header=true, columns={{'item_id': 'VARCHAR', 'title': 'VARCHAR'}}) ORDER BY item_id",
         out,
+        path,
     )
 
 
@@ -222,9 +224,9 @@ def build_amazon(path: Path, out_dir: Path, options: AmazonOptions = AmazonOptio
     items = None
     with duck() as con:
         if options.five_core == "single":
-            _write_single_pass(con, sql, out_dir / INTERACTIONS_FILE)
+            _write_single_pass(con, sql, out_dir / INTERACTIONS_FILE, files.ratings)
         else:
-            copy_to_parquet(con, sql, out_dir / INTERACTIONS_FILE)
+            copy_to_parquet(con, sql, out_dir / INTERACTIONS_FILE, files.ratings)
         if files.meta is not None:
             items = out_dir / ITEMS_FILE
             if files.version == "processed":

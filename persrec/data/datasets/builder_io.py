@@ -126,12 +126,30 @@ def is_time_type(dtype: pa.DataType) -> bool:
     )
 
 
-def copy_to_parquet(con: duckdb.DuckDBPyConnection, sql: str, path: Path) -> int:
-    """Write the rows of ``sql`` to ``path`` atomically (zstd parquet); returns the row count."""
+def copy_to_parquet(con: duckdb.DuckDBPyConnection, sql: str, path: Path, source: object) -> int:
+    """Write the rows of ``sql`` to ``path`` atomically (zstd parquet); returns the row count.
+
+    A row DuckDB cannot read or convert (a bad number deep in a CSV, a damaged parquet page) becomes a
+    ``DataValidationError`` naming ``source`` and DuckDB's description of the row, not a traceback."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        con.execute(f"COPY ({sql}) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)")
+    try:
+        with atomic_path(path) as tmp:
+            con.execute(f"COPY ({sql}) TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd)")
+    except duckdb.OutOfMemoryException as exc:
+        raise MemoryError(f"building from {source} ran out of memory ({exc}); raise --memory_limit") from exc
+    except duckdb.Error as exc:
+        detail = " ".join(str(exc).split())
+        raise DataValidationError(f"{source}: cannot read it ({detail[:400]})") from exc
     return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def fetch_one(con: duckdb.DuckDBPyConnection, sql: str, source: object) -> tuple[object, ...] | None:
+    """First row of a check query; a file DuckDB cannot read is named as in :func:`copy_to_parquet`."""
+    try:
+        return con.execute(sql).fetchone()
+    except duckdb.Error as exc:
+        detail = " ".join(str(exc).split())
+        raise DataValidationError(f"{source}: cannot read it ({detail[:400]})") from exc
 
 
 def ident(name: str) -> str:

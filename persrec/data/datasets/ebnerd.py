@@ -36,6 +36,7 @@ from persrec.data.datasets.builder_io import (
     copy_to_parquet,
     duck,
     epoch_seconds_sql,
+    fetch_one,
     ident,
     joined_list_sql,
     nonempty_text_sql,
@@ -169,9 +170,8 @@ def _behaviors_sql(path: Path, options: EbnerdOptions) -> str:
 
 def _check_lengths(con: duckdb.DuckDBPyConnection, path: Path, columns: list[str]) -> None:
     lengths = " OR ".join(f"len({ident(c)}) <> len(article_id_fixed)" for c in columns[1:])
-    bad = con.execute(f"SELECT min(user_id) FROM read_parquet({sql_path(path)}) WHERE {lengths}").fetchone()[
-        0
-    ]
+    row = fetch_one(con, f"SELECT min(user_id) FROM read_parquet({sql_path(path)}) WHERE {lengths}", path)
+    bad = row[0] if row else None
     if bad is not None:
         raise DataValidationError(
             f"{path}: user {bad} has list columns of different lengths ({', '.join(columns)} must be parallel)"
@@ -207,11 +207,11 @@ def build_ebnerd(path: Path, out_dir: Path, options: EbnerdOptions = EbnerdOptio
             if files.behaviors is None
             else f"{history} UNION ALL {_behaviors_sql(files.behaviors, options)}"
         )
-        copy_to_parquet(con, sql, out_dir / INTERACTIONS_FILE)
+        copy_to_parquet(con, sql, out_dir / INTERACTIONS_FILE, files.history)
         items = None
         if files.articles is not None:
             items = out_dir / ITEMS_FILE
-            copy_to_parquet(con, _articles_sql(files.articles), items)
+            copy_to_parquet(con, _articles_sql(files.articles), items, files.articles)
     return BuiltDataset(
         interactions=out_dir / INTERACTIONS_FILE,
         items=items,

@@ -4,7 +4,7 @@ Source: the MerRec release on the Hugging Face hub (``mercari-us/merrec``; Li et
 Multipurpose Mercari Dataset for Consumer-to-Consumer Recommendation Systems", 2024): monthly folders of parquet
 files, one row per event. Licence: CC BY-NC-SA 4.0 (non-commercial, share alike, attribution). Publisher's
 figures: 5.56 M users, 83.07 M items, 1.27 B events over six event types (not re-measured here; the scaling
-benchmark in ``benchmarks/prepare_scale.py --merrec`` runs on a synthetic file of the same schema).
+benchmark in ``benchmarks/merrec_scale.py`` runs on a synthetic file of the same schema).
 
 Columns read: ``user_id``, the object id (``product_id`` by default as the PerSRec authors did, or ``item_id``:
 one listing), ``event_id`` (``item_view``, ``item_like``, ``item_add_to_cart_tap``, ``offer_make``,
@@ -43,6 +43,7 @@ from persrec.data.datasets.builder_io import (
 from persrec.data.datasets.movielens import INTERACTIONS_FILE, ITEMS_FILE, BuiltDataset
 from persrec.data.prepare import resolve_parquet_files
 from persrec.data.schema import DataValidationError
+from persrec.data.staging import file_names
 
 MERREC_LICENSE = "MerRec (Mercari, Inc.): CC BY-NC-SA 4.0 - non-commercial use, attribution, derivatives under the same licence."
 EVENT_TYPES = ("item_view", "item_like", "item_add_to_cart_tap", "offer_make", "buy_start", "buy_comp")
@@ -155,10 +156,12 @@ def build_merrec(path: Path, out_dir: Path, options: MerrecOptions = MerrecOptio
     out_dir = Path(out_dir)
     items = None
     with duck(memory_limit=options.memory_limit) as con:
-        copy_to_parquet(con, _interactions_sql(files, schema, options), out_dir / INTERACTIONS_FILE)
+        copy_to_parquet(
+            con, _interactions_sql(files, schema, options), out_dir / INTERACTIONS_FILE, file_names(files)
+        )
         if options.items:
             items = out_dir / ITEMS_FILE
-            copy_to_parquet(con, _items_sql(files, schema, options), items)
+            copy_to_parquet(con, _items_sql(files, schema, options), items, file_names(files))
     return BuiltDataset(
         interactions=out_dir / INTERACTIONS_FILE,
         items=items,

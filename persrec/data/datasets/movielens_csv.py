@@ -97,6 +97,7 @@ def build_movielens(
             f"FROM read_csv({sql_path(root / 'ratings.csv')}, header=true, "
             "columns={'userId': 'BIGINT', 'movieId': 'BIGINT', 'rating': 'DOUBLE', 'timestamp': 'BIGINT'})",
             out_dir / INTERACTIONS_FILE,
+            root / "ratings.csv",
         )
     movies = _read_csv(
         root / "movies.csv", {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()}

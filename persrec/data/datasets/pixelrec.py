@@ -24,6 +24,7 @@ from pathlib import Path
 from persrec.data.datasets.builder_io import (
     copy_to_parquet,
     duck,
+    fetch_one,
     first_matching,
     ident,
     nonempty_text_sql,
@@ -100,10 +101,12 @@ def _time_sql(expr: str) -> str:
 
 
 def _check_times(con, path: Path) -> None:  # noqa: ANN001 - a DuckDB connection
-    bad = con.execute(
+    bad = fetch_one(
+        con,
         f"SELECT timestamp FROM read_csv({sql_path(path)}, header=true, all_varchar=true) "
-        f"WHERE {_time_sql('timestamp')} IS NULL LIMIT 1"
-    ).fetchone()
+        f"WHERE {_time_sql('timestamp')} IS NULL LIMIT 1",
+        path,
+    )
     if bad is not None:
         raise DataValidationError(
             f"{path}: timestamp {bad[0]!r} is neither epoch seconds nor a date-time (PixelRec expects item_id,"
@@ -138,12 +141,12 @@ def build_pixelrec(path: Path, out_dir: Path, options: PixelrecOptions = Pixelre
             f"FROM read_csv({sql_path(files.interactions)}, header=true, all_varchar=true) "
             "WHERE user_id IS NOT NULL AND item_id IS NOT NULL"
         )
-        copy_to_parquet(con, sql, out_dir / INTERACTIONS_FILE)
+        copy_to_parquet(con, sql, out_dir / INTERACTIONS_FILE, files.interactions)
         if files.items is not None:
             item_header = csv_header(files.items)
             require_columns(files.items, item_header, ["item_id"], "a PixelRec item information CSV")
             items = out_dir / ITEMS_FILE
-            copy_to_parquet(con, _items_sql(files.items, item_header), items)
+            copy_to_parquet(con, _items_sql(files.items, item_header), items, files.items)
     return BuiltDataset(
         interactions=out_dir / INTERACTIONS_FILE,
         items=items,
