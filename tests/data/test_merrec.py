@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -83,3 +84,23 @@ def test_bad_merrec_inputs(tmp_path: Path) -> None:
         MerrecOptions(events="item_view,click")
     with pytest.raises(ConfigError, match="--object_id 'sku'"):
         MerrecOptions(object_id="sku")
+
+
+def test_events_keep_file_order_across_row_groups(tmp_path: Path) -> None:
+    """Equal timestamps are ordered by input position in prepare, so the builder must not reorder rows."""
+    rows = 120_000
+    rng = np.random.default_rng(1)
+    source = tmp_path / "big.parquet"
+    table = pa.table(
+        {
+            "user_id": rng.integers(0, 500, rows),
+            "product_id": pa.array([f"p{i}" for i in rng.integers(0, 5000, rows)]),
+            "event_id": pa.array(["item_view"] * rows),
+            "stime": pa.array(np.full(rows, 1_700_000_000), pa.int64()),
+        }
+    )
+    pq.write_table(table, source, row_group_size=7_000)
+    built = build_merrec(source, tmp_path / "out", MerrecOptions(items=False))
+    out = pq.read_table(built.interactions)
+    assert out["user_id"].to_pylist() == table["user_id"].to_pylist()
+    assert out["item_id"].to_pylist() == table["product_id"].to_pylist()
