@@ -115,3 +115,27 @@ def test_ebnerd_config_on_the_official_fixture(tmp_path: Path) -> None:
         str(tmp_path / "c"),
     ]
     assert main([*argv, "--checkpoint_dir", str(tmp_path / "runs"), *FAST]) == 0
+
+
+@pytest.mark.slow
+def test_merrec_config_trains_a_step(tmp_path: Path) -> None:
+    """Only targets at least 720 events from the end of a 2000-load exist, so the users need long histories."""
+    raw = tmp_path / "merrec" / "202305"
+    raw.mkdir(parents=True)
+    users, events = 4, 760
+    rng = np.random.default_rng(2)
+    table = pa.table(
+        {
+            "user_id": np.repeat(np.arange(users), events),
+            "product_id": pa.array([f"p{i}" for i in rng.integers(0, 50, users * events)]),
+            "event_id": pa.array(["item_view"] * (users * events)),
+            "stime": np.tile(1_690_000_000 + 30 * np.arange(events), users),
+            "name": pa.array(["listing"] * (users * events)),
+        }
+    )
+    pq.write_table(table, raw / "part-0.parquet")
+    for name in ("merrec-personalized-hstu.yaml", "merrec-hstu.yaml"):
+        argv = ["train", "--config_file", str(CONFIGS / name), "--data_path", str(raw.parent)]
+        argv += ["--cache_dir", str(tmp_path / "cache"), "--checkpoint_dir", str(tmp_path / name), *FAST]
+        assert main(argv) == 0
+        assert (tmp_path / name / "run" / "best").is_dir()
