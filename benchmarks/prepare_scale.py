@@ -6,6 +6,9 @@ runs inside this process, so RSS is also sampled from /proc during ``prepare``.
 
     python benchmarks/prepare_scale.py --quick
     python benchmarks/prepare_scale.py --interactions 100000000 --json results.json
+
+The raw-file side (the MerRec builder on synthetic files of MerRec's schema, 1M to 100M rows) is measured by
+``benchmarks/merrec_scale.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`persrec` command line: prepare | convert | train | evaluate | quickstart | models.
+"""`persrec` command line: prepare | convert | stats | train | evaluate | quickstart | models.
 
 Training flags follow the original PerSRec/HLLM scripts: `persrec train --config_file a.yaml b.yaml --loss nce
 --epochs 5 --dataset ml-1m --optim_args.learning_rate 1e-3`. Any config key is a flag (`--key value`, dotted for
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 import textwrap
@@ -252,8 +253,17 @@ def cmd_evaluate(argv: list[str]) -> int:
 
 
 def cmd_prepare(argv: list[str]) -> int:
+    if any(a == "--format" or a.startswith("--format=") for a in argv):
+        from persrec.cli_prepare import cmd_prepare_format
+
+        return cmd_prepare_format(argv)
     parser = CommandParser(
         prog="persrec prepare", description="Build a prepared dataset directory from interaction parquet."
+    )
+    parser.add_argument(
+        "--format",
+        help="build from a public dataset's raw files instead: ebnerd, merrec, pixelrec, amazon-reviews, "
+        "movielens (persrec prepare --format NAME --help lists its options)",
     )
     parser.add_argument("--input", required=True, type=Path, help="interactions parquet file or directory")
     parser.add_argument("--output", required=True, type=Path, help="prepared dataset directory to create")
@@ -345,6 +355,26 @@ def cmd_models(argv: list[str]) -> int:
     return run_models(argv)
 
 
+def cmd_stats(argv: list[str]) -> int:
+    parser = CommandParser(
+        prog="persrec stats",
+        description="Print a prepared dataset's size, history lengths, time span and text.",
+    )
+    parser.add_argument("dataset", type=Path, help="prepared dataset directory (written by persrec prepare)")
+    parser.add_argument("--plot", type=Path, help="also write a history-length histogram to this .png")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    args = parser.parse_args(argv)
+    from persrec.data.stats import dataset_stats, format_stats, plot_history_histogram
+    from persrec.data.store import PreparedDataset
+
+    dataset = PreparedDataset.open(args.dataset, full_check=False)
+    stats = dataset_stats(dataset)
+    if args.plot is not None:
+        plot_history_histogram(dataset.lengths(), args.plot, title=f"history length: {args.dataset.name}")
+    print(json.dumps(stats.to_dict(), indent=2) if args.json else format_stats(stats, args.dataset))
+    return 0
+
+
 COMMANDS = {
     "quickstart": cmd_quickstart,
     "train": cmd_train,
@@ -352,6 +382,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "convert": cmd_convert,
     "models": cmd_models,
+    "stats": cmd_stats,
 }
 
 
@@ -363,6 +394,7 @@ COMMAND_SUMMARIES = {
     "prepare": "build a prepared dataset directory from interaction parquet",
     "convert": "convert a CSV/TSV/.dat file to parquet",
     "models": "list local pretrained models (Hugging Face) or convert one to a plain directory",
+    "stats": "print a prepared dataset's users, items, history lengths, time span and text coverage",
 }
 
 

@@ -66,7 +66,8 @@ class OptimArgs:
 @dataclass
 class Config:
     # ---- data ----
-    # Built-in name (ml-latest-small, ml-1m, synthetic) or the path of a prepared dataset directory.
+    # Built-in name (ml-latest-small, ml-1m, synthetic; raw-file formats such as ebnerd, merrec, amazon-reviews
+    # read data_path) or the path of a prepared dataset directory.
     dataset: str = "ml-latest-small"
     # Where named datasets' raw files live (e.g. the folder holding movielens-1m/).
     data_path: str | None = None

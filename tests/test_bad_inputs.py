@@ -166,6 +166,35 @@ def without_cuda(env: Env) -> None:
     env.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+def raw_files(files: dict[str, dict[str, list[object]] | str]) -> Callable[[Env], None]:
+    """A setup that writes raw dataset files under `{tmp}` (dicts as parquet) and keeps the build cache outside
+    it, so that a builder that fails leaves `{tmp}` as it was."""
+
+    def setup(env: Env) -> None:
+        import gzip
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        env.monkeypatch.setenv("PERSREC_CACHE_DIR", str(env.tmp.parent / f"{env.tmp.name}-cache"))
+        for relative, content in files.items():
+            path = env.tmp / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, dict):
+                pq.write_table(pa.table(content), path)
+            elif relative.endswith(".gz"):
+                with gzip.open(path, "wt") as handle:
+                    handle.write(content)
+            else:
+                path.write_text(content)
+
+    return setup
+
+
+def prepare_format(name: str, *flags: str) -> list[str]:
+    return ["prepare", "--format", name, "--input", "{tmp}/in", "--output", "{tmp}/out", *flags]
+
+
 CASES = [
     # ---- config values ----
     Case(
@@ -238,7 +267,11 @@ CASES = [
     Case("stray argument", train("stray"), "unexpected argument 'stray'"),
     Case("quickstart key", ["quickstart", "--checkpoint_dir", "{tmp}", "--epochz", "1"], "--epochs"),
     # ---- datasets, packages and devices ----
-    Case("dataset name", train("--dataset", "ml-2m"), "named dataset (ml-1m, ml-latest-small, synthetic)"),
+    Case(
+        "dataset name",
+        train("--dataset", "ml-2m"),
+        "named dataset (amazon-reviews, eb_nerd_512, ebnerd, merrec, merrec_2000, ml-1m, ml-latest-small",
+    ),
     Case("dataset path", train("--dataset", "{tmp}/nowhere/data"), "no prepared dataset at"),
     Case("dataset dir", train("--dataset", "{tmp}/raw"), "not a prepared dataset", write("raw/a.csv", "1")),
     Case(
@@ -427,6 +460,79 @@ CASES = [
         "convert one path",
         ["convert", "{tmp}/a.csv"],
         "convert: the following arguments are required: output",
+    ),
+    Case(
+        "prepare unknown format",
+        prepare_format("movielens-20m"),
+        "--format 'movielens-20m': expected one of amazon-reviews, ebnerd, merrec, movielens, pixelrec",
+    ),
+    Case("prepare format no input", prepare_format("ebnerd"), "--input {tmp}/in: no such file or directory"),
+    Case(
+        "ebnerd given other parquet",
+        prepare_format("ebnerd"),
+        "missing column(s) article_id_fixed, impression_time_fixed; an EB-NeRD history.parquet needs",
+        raw_files({"in/history.parquet": {"user_id": [1], "item_id": [2], "timestamp": [3]}}),
+    ),
+    Case(
+        "merrec given ebnerd history",
+        prepare_format("merrec"),
+        "missing column(s) product_id, event_id, stime; a MerRec event file",
+        raw_files({"in/history.parquet": {"user_id": [1], "article_id_fixed": [[2]]}}),
+    ),
+    Case(
+        "merrec unknown event",
+        prepare_format("merrec", "--events", "item_view,click"),
+        "--events: unknown MerRec event type(s) click",
+        raw_files({"in/a.parquet": {"user_id": [1]}}),
+    ),
+    Case(
+        "ebnerd bool option",
+        prepare_format("ebnerd", "--behaviors", "maybe"),
+        "argument --behaviors: expected true or false, got 'maybe'",
+    ),
+    Case(
+        "amazon ratings with a header",
+        prepare_format("amazon-reviews"),
+        "is not user,item,rating,timestamp (Amazon 2014 rating files have no header",
+        raw_files({"in/ratings_Toys.csv": "user,item,rating,timestamp\nA,B,5.0,1\n"}),
+    ),
+    Case(
+        "amazon meta with code",
+        prepare_format("amazon-reviews"),
+        "meta_Toys.json.gz:1: not a JSON object or a Python literal dict",
+        raw_files(
+            {
+                "in/ratings_Toys.csv": "A,B,5.0,1\n",
+                "in/meta_Toys.json.gz": "__import__('os').system('touch ran')\n",
+            }
+        ),
+    ),
+    Case(
+        "amazon bad rating deep in the file",
+        prepare_format("amazon-reviews"),
+        "ratings_Toys.csv: cannot read it (Conversion Error: CSV Error on Line: 4 Original Line: A,E,x,2",
+        raw_files({"in/ratings_Toys.csv": "A,B,5.0,1\nA,C,4.0,2\nA,D,4.0,2\nA,E,x,2\n"}),
+    ),
+    Case(
+        "pixelrec given movielens ratings",
+        prepare_format("pixelrec"),
+        "missing column(s) item_id, user_id; a PixelRec interaction CSV (with header) needs",
+        raw_files({"in/dataset/Pixel200K.csv": "userId,movieId,rating,timestamp\n1,2,3.0,4\n"}),
+    ),
+    Case(
+        "movielens without its files",
+        prepare_format("movielens"),
+        "movielens expects ratings.csv + movies.csv",
+        raw_files({"in/ratings.dat": "1::2::3::4\n"}),
+    ),
+    Case(
+        "dataset ebnerd without data_path", train("--dataset", "ebnerd"), "--dataset ebnerd needs --data_path"
+    ),
+    Case("stats of a folder", ["stats", "{tmp}"], "not a prepared dataset"),
+    Case(
+        "stats plot not png",
+        ["stats", "{data}", "--plot", "{tmp}/h.jpg"],
+        "--plot {tmp}/h.jpg: expected a .png",
     ),
 ]
 

@@ -42,7 +42,8 @@ def _write_tiny_ml_1m(root: Path) -> Path:
 
 
 def test_known_names() -> None:
-    assert set(DATASETS) == {"ml-latest-small", "ml-1m", "synthetic"}
+    builders = {"ebnerd", "eb_nerd_512", "merrec", "merrec_2000", "pixelrec", "amazon-reviews", "movielens"}
+    assert set(DATASETS) == {"ml-latest-small", "ml-1m", "synthetic", *builders}
 
 
 def test_cache_and_shared_dirs_follow_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -39,6 +39,14 @@ DATASETS: dict[str, str] = {
     "ml-latest-small": "MovieLens latest-small (embedded): 610 users, 9,724 movies, 100,836 ratings",
     "ml-1m": "MovieLens 1M, 5-core: 6,040 users, 3,416 movies (raw files needed, see PERSREC_ML1M_DIR)",
     "synthetic": "generated users with stable long-term and drifting short-term interests",
+    # Raw-file formats (persrec/data/datasets/formats.py): need --data_path pointing at the raw files.
+    "ebnerd": "EB-NeRD news clicks (raw files needed: --data_path)",
+    "eb_nerd_512": "EB-NeRD, users with at least 512 clicks (the paper's filter; --data_path)",
+    "merrec": "MerRec marketplace events (raw files needed: --data_path)",
+    "merrec_2000": "MerRec, users with at least 2000 events (the paper's filter; --data_path)",
+    "pixelrec": "PixelRec in the HLLM layout (raw files needed: --data_path)",
+    "amazon-reviews": "Amazon reviews 2014 / 2018 with item text (raw files needed: --data_path)",
+    "movielens": "MovieLens CSV releases such as ML-20M (raw files needed: --data_path)",
 }
 
 MANIFEST_FILE = "manifest.json"
@@ -188,6 +196,21 @@ def _resolve_synthetic(cache_dir: Path, config: SyntheticConfig, progress: bool)
     return _prepare(built, cache_dir / name, progress)
 
 
+def _resolve_format(name: str, cache_dir: Path, data_path: Path | None, progress: bool) -> PreparedDataset:
+    """A raw-file format (or one of its presets) built from ``data_path`` with its default options."""
+    from persrec.data.datasets.formats import FORMATS, PRESETS, build_cached, make_options
+
+    format_name, values = PRESETS.get(name, (name, {}))
+    fmt = FORMATS[format_name]
+    if data_path is None:
+        raise ConfigError(
+            f"--dataset {name} needs --data_path: the folder (or file) holding the raw {format_name} files "
+            f"({fmt.summary}); or prepare them once with persrec prepare --format {format_name}"
+        )
+    built = build_cached(fmt, data_path, make_options(fmt, values), cache_dir)
+    return _prepare(built, cache_dir / name, progress)
+
+
 # --------------------------------------------------------------------------------------------------- entry point
 
 
@@ -215,6 +238,8 @@ def resolve_dataset(
         return _resolve_ml_1m(cache, Path(data_path) if data_path is not None else None, progress)
     if name == "synthetic":
         return _resolve_synthetic(cache, synthetic or SyntheticConfig(), progress)
+    if name in DATASETS:
+        return _resolve_format(name, cache, Path(data_path) if data_path is not None else None, progress)
 
     if path.is_dir():
         raise FileNotFoundError(
