@@ -35,3 +35,13 @@ def test_measure_row(tmp_path: Path) -> None:
     assert row["sorted"]["real_tokens"] == row["padded"]["real_tokens"]
     assert row["speedup"] == pytest.approx(row["sorted"]["items_per_s"] / row["padded"]["items_per_s"])
     assert bench.table([row]).count("\n") == 2
+
+
+def test_catalogue_padding_counts_slots(tmp_path: Path) -> None:
+    titles = ["doll", "red toy car", "large set of three small green toy kids", "blue"]
+    row = bench.catalogue_padding("tiny", tiny_llama_dir(tmp_path / "m"), titles, 1, 2, 64)
+    # [BOS], the prompt's 6 words and its ":", "title", ":", the title's words, then the item token
+    lengths = [1 + 7 + 2 + words + 1 for words in (1, 3, 8, 1)]
+    assert row["padded_token_slots"] == 2 * max(lengths[:2]) + 2 * max(lengths[2:])
+    assert row["sorted_token_slots"] == 2 * lengths[0] + 2 * lengths[2]
+    assert row["sorted_padding_fraction"] == pytest.approx(1 - sum(lengths) / row["sorted_token_slots"])
