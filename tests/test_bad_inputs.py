@@ -534,6 +534,23 @@ CASES = [
         ["stats", "{data}", "--plot", "{tmp}/h.jpg"],
         "--plot {tmp}/h.jpg: expected a .png",
     ),
+    # ---- persrec models ----
+    Case("models no action", ["models"], "models: the following arguments are required: action"),
+    Case(
+        "models unknown name",
+        ["models", "convert", "no-such-model", "--output", "{tmp}/out"],
+        "models convert no-such-model: no local model of that name",
+    ),
+    Case(
+        "models output not ours",
+        ["models", "convert", "m", "--output", "{tmp}/keep", "--overwrite"],
+        "--output {tmp}/keep: exists and was not written by persrec models convert",
+        lambda env: (
+            write("models/m/config.json", '{"model_type": "llama"}')(env),
+            write("keep/notes.txt", "mine")(env),
+            env.monkeypatch.setenv("PERSREC_MODELS_DIR", str(env.tmp / "models")),
+        ),
+    ),
 ]
 
 

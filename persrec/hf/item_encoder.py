@@ -32,6 +32,7 @@ from persrec.hf.loading import load_base_model, load_tokenizer, resolve_model_di
 logger = logging.getLogger(__name__)
 
 ITEM_TOKEN_INIT_STD = 0.02
+TOKENIZE_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,22 @@ def padded_slots(lengths: np.ndarray, batches: Sequence[np.ndarray]) -> int:
     return int(sum(len(batch) * int(lengths[batch].max()) for batch in batches if len(batch)))
 
 
+def tokenize_items(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """All items' token ids, flat (int64), and each item's count: tokenised in chunks into arrays, so a
+    catalogue of millions of items never lives as Python lists of ints."""
+    parts, lengths = [], []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        ids = tokenizer(list(texts[start : start + TOKENIZE_CHUNK]), truncation=True, max_length=max_length)
+        rows = ids["input_ids"]
+        lengths.append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+        parts.append(
+            np.fromiter((t for row in rows for t in row), dtype=np.int64, count=int(lengths[-1].sum()))
+        )
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts), np.concatenate(lengths)
+
+
 class ItemTextEncoder(nn.Module):
     """Item LLM over the item texts of one catalogue: `embed` (with gradients) for training, `embed_all`
     (no gradients, row 0 = padding zeros) for evaluation and the frozen path."""
@@ -113,18 +130,14 @@ class ItemTextEncoder(nn.Module):
         )
         tokenizer = load_tokenizer(self.model_dir, option=option)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        token_lists = tokenizer(
-            list(texts.texts[1:]), truncation=True, max_length=self.options.max_text_length
-        )["input_ids"]
-        self.text_lengths = np.array([len(ids) for ids in token_lists], dtype=np.int64)
+        flat, self.text_lengths = tokenize_items(tokenizer, texts.texts[1:], self.options.max_text_length)
         if (self.text_lengths == 0).any():
             empty = (np.flatnonzero(self.text_lengths == 0) + 1)[:5].tolist()
             raise ConfigError(
                 f"--{option} {self.model_dir}: the tokenizer gives no token for item(s) {empty}"
             )
         offsets = np.concatenate([[0], np.cumsum(self.text_lengths)])
-        flat = [token for ids in token_lists for token in ids]
-        self.register_buffer("token_ids", torch.tensor(flat, dtype=torch.long), persistent=False)
+        self.register_buffer("token_ids", torch.from_numpy(flat), persistent=False)
         self.register_buffer("token_starts", torch.tensor(offsets[:-1], dtype=torch.long), persistent=False)
         self.hidden_size = int(self.llm.config.hidden_size)
         embedding_dtype = self.llm.get_input_embeddings().weight.dtype

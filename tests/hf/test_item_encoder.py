@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from persrec.config import ConfigError
+from persrec.hf import item_encoder
 from persrec.hf.item_encoder import ItemEncoderOptions, ItemTextEncoder, padded_slots, plan_batches
 from persrec.hf.item_text import ItemTexts
 from tests.hf.tiny_models import tiny_bert_dir, tiny_gpt2_dir, tiny_llama_dir
@@ -135,3 +136,13 @@ def test_bad_options(tmp_path: Path, options: dict, flag: str) -> None:
 def test_hub_id_refused() -> None:
     with pytest.raises(ConfigError, match="--item_pretrain_dir HuggingFaceTB/SmolLM2: looks like a hub id"):
         ItemTextEncoder("HuggingFaceTB/SmolLM2", TEXTS)
+
+
+def test_tokenizing_in_chunks_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = _encoder(tmp_path, "llama", 1)
+    monkeypatch.setattr(item_encoder, "TOKENIZE_CHUNK", 2)
+    chunked = _encoder(tmp_path, "llama", 1)
+    assert torch.equal(whole.token_ids, chunked.token_ids) and torch.equal(
+        whole.token_starts, chunked.token_starts
+    )
+    assert whole.text_lengths.tolist() == chunked.text_lengths.tolist()
