@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,13 @@ def build_hllm(
     if config.item_llm_trainable:
         return HLLMBackbone(shape, decoder, item_encoder=encoder, item_model_config=item_config)
     encoder.requires_grad_(False)
+    if config.item_emb_token_n:
+        print(
+            f"persrec: note: --item_emb_token_n {config.item_emb_token_n} with a frozen item model embeds every "
+            "item through untrained item tokens; --item_emb_token_n 0 (mean pooling) is what frozen encoders "
+            "are trained for",
+            file=sys.stderr,
+        )
     cached = cached_item_embeddings(encoder, item_embedding_cache_dir(config))
     state = "read from" if cached.hit else "computed and saved to"
     print(f"item embeddings of {texts.num_items} items {state} {cached.path}", flush=True)

@@ -81,3 +81,11 @@ def test_items_without_text_are_named(tiny_dataset, tmp_path):
     store = PreparedDataset.open(tiny_dataset)
     with pytest.raises(ConfigError, match="no_such_column"):
         build_model(config, store.num_items, dataset_dir=tiny_dataset)
+
+
+def test_untrained_item_tokens_on_a_frozen_item_model_are_pointed_out(tiny_dataset, tmp_path, capsys):
+    item_dir = tiny_bert_dir(tmp_path / "bert")
+    config = Config(**hllm_overrides(tiny_dataset, tmp_path, item_dir, item_emb_token_n=1))
+    store = PreparedDataset.open(tiny_dataset)
+    build_model(config, store.num_items, dataset_dir=tiny_dataset)
+    assert "--item_emb_token_n 0 (mean pooling)" in capsys.readouterr().err
