@@ -11,6 +11,10 @@ batch, one randomly initialised model (eval mode, inference mode) is timed on th
 - one-item: a cached request with a single recent item (the part of a request that does not shrink with R);
 - SASRec only, full through SDPA's causal kernel instead of the explicit mask the backbone always passes.
 
+LLaMAID rows (`--backbones LLaMAID`) run a Hugging Face Llama of SmolLM2-135M's shape (30 layers, width 576, 9
+heads with 3 key/value heads, gated MLP of 1536, rope theta 100,000) with random weights over item-ID embeddings
+of its own width, through `persrec.models.hf_decoder.HFDecoderBackbone`: nothing is downloaded.
+
 Next to the times: analytic FLOPs (linear layers + attention; attention counted over the pairs the causal /
 expert mask allows), the roofline time (FLOPs / fp32 matmul peak measured in the same run with the same
 threads, re-measured before every row), the time of the attention kernel alone (one layer's call captured
@@ -37,18 +41,31 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from persrec.atomic import atomic_write_json
+from persrec.flops import layer_flops
+from persrec.hf.loading import require_transformers
+from persrec.hf.tiny import build_decoder
 from persrec.models import BackboneConfig, SequenceBackbone, build_backbone
 from persrec.models import hstu as hstu_module
 from persrec.models import sasrec as sasrec_module
 from persrec.models.experts import ExpertLayout, ExpertSequenceModel
+from persrec.models.hf_decoder import HFDecoderBackbone
 from persrec.models.hstu import HSTULayer
 from persrec.models.sasrec import SASRec
 from persrec.timing import matmul_rate, medians, timed_call
 
-BACKBONES = ("HSTU", "SASRec")
+BACKBONES = ("HSTU", "SASRec", "LLaMAID")
+# What runs without --backbones.
+DEFAULT_BACKBONES = ("HSTU", "SASRec")
+# Shape of persrec's own backbones unless --layers/--dim/--heads say otherwise.
+NATIVE_SHAPE = {"layers": 16, "dim": 64, "heads": 8, "kv_heads": None, "intermediate": None}
+# SmolLM2-135M's decoder (its config.json), the user model of the LLaMAID rows.
+SMOLLM2_135M_SHAPE = {"layers": 30, "dim": 576, "heads": 9, "kv_heads": 3, "intermediate": 1536}
+SMOLLM2_ROPE_THETA = 100_000.0
+SMOLLM2_RMS_NORM_EPS = 1e-5
+SMOLLM2_MAX_POSITIONS = 8192
 LENGTHS = (320, 640, 1280, 2560)
 BATCHES = (1, 64)
 # A warm-up run longer than this is kept as a sample: first-call costs are noise against it.
@@ -71,6 +88,8 @@ class RowSpec:
     heads: int = 8
     items: int = 10_000
     seed: int = 0
+    kv_heads: int | None = None  # LLaMAID: key/value heads (None = heads)
+    intermediate: int | None = None  # LLaMAID: gated MLP width (None = 4 x dim)
 
     @property
     def recent(self) -> int:
@@ -146,13 +165,8 @@ def flop_counts(backbone: SequenceBackbone, layout: ExpertLayout, batch: int) ->
     Norms, embeddings and pointwise functions (SiLU, softmax) are not counted. Both request paths include
     scoring the last position against the whole item table. `<path>_attention` is the attention part alone.
     """
-    layer = backbone.layers[0]
-    linear = sum(2 * m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
-    head_dim = backbone.dim // layer.heads
-    qk_width = layer.heads * getattr(layer, "qk_dim", head_dim)
-    v_width = layer.heads * getattr(layer, "v_dim", head_dim)
-    per_pair = 2 * (qk_width + v_width)
-    depth = len(backbone.layers)
+    block = layer_flops(backbone)
+    linear, per_pair, depth = block.linear, block.per_pair, block.depth
     scoring = 2 * backbone.dim * backbone.all_item_embeddings().shape[0]
     mask = layout.slot_tables["mask"]
     window, history, tokens = layout.window, layout.history_length, layout.num_tokens
@@ -172,7 +186,11 @@ def flop_counts(backbone: SequenceBackbone, layout: ExpertLayout, batch: int) ->
 
 
 def _attention_entry(backbone: SequenceBackbone) -> tuple[object, str]:
-    """(namespace, name) of the function a backbone's layers call for attention, looked up at call time."""
+    """(namespace, name) of the function a backbone's layers call for attention, looked up at call time.
+
+    transformers' sdpa kernel calls `torch.nn.functional.scaled_dot_product_attention` at call time too."""
+    if isinstance(backbone, HFDecoderBackbone):
+        return F, "scaled_dot_product_attention"
     if isinstance(backbone.layers[0], HSTULayer):
         return hstu_module, "hstu_attention"
     if hasattr(sasrec_module, "masked_attention"):
@@ -220,6 +238,33 @@ def sasrec_causal_hidden(backbone: SASRec, ids: Tensor) -> Tensor:
     return backbone.final_norm(x)
 
 
+def llama_config(spec: RowSpec, max_positions: int) -> object:
+    """A transformers LlamaConfig of the row's shape with SmolLM2-135M's rope theta and norm epsilon."""
+    transformers = require_transformers()
+    return transformers.LlamaConfig(
+        hidden_size=spec.dim,
+        intermediate_size=spec.intermediate or 4 * spec.dim,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads or spec.heads,
+        max_position_embeddings=max(max_positions, SMOLLM2_MAX_POSITIONS),
+        rms_norm_eps=SMOLLM2_RMS_NORM_EPS,
+        rope_theta=SMOLLM2_ROPE_THETA,
+        vocab_size=2,  # the token table is never read: inputs are item vectors
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+
+
+def build_row_backbone(spec: RowSpec, config: BackboneConfig) -> SequenceBackbone:
+    """persrec's own backbone of the row, or (LLaMAID) a random-weight Llama over item embeddings of its width."""
+    if spec.backbone != "LLaMAID":
+        return build_backbone(spec.backbone, config)
+    decoder = build_decoder(llama_config(spec, config.max_positions), "sdpa")
+    return HFDecoderBackbone(config, decoder)
+
+
 def run_row(spec: RowSpec, machine: Machine, repeats: int = 9, budget_s: float = 20.0) -> dict[str, object]:
     """Build the model of `spec`, check the cached scores against the full masked pass, time every path."""
     device = machine.device
@@ -234,7 +279,7 @@ def run_row(spec: RowSpec, machine: Machine, repeats: int = 9, budget_s: float =
         num_heads=spec.heads,
         dropout=0.0,
     )
-    backbone = build_backbone(spec.backbone, config)
+    backbone = build_row_backbone(spec, config)
     model = ExpertSequenceModel(backbone, layout).to(device).eval()
     generator = torch.Generator().manual_seed(spec.seed + 1)
     ids = torch.randint(1, spec.items + 1, (spec.batch, spec.history), generator=generator).to(device)
@@ -326,10 +371,24 @@ def run_row(spec: RowSpec, machine: Machine, repeats: int = 9, budget_s: float =
         "full_causal_max_abs_diff": causal_diff,
         "max_abs_score_diff": score_diff,
         "max_abs_score": score_scale,
+        **hf_shape(backbone),
         "runs": {name: len(values) for name, values in samples.items()},
         "cpu_share": cpu_share,
         "load_1m_start": load_start,
         "load_1m_end": os.getloadavg()[0],
+    }
+
+
+def hf_shape(backbone: SequenceBackbone) -> dict[str, object]:
+    """The decoder's shape fields a Hugging Face row adds (none for persrec's own backbones)."""
+    if not isinstance(backbone, HFDecoderBackbone):
+        return {}
+    config = backbone.decoder.config
+    return {
+        "architecture": config.model_type,
+        "kv_heads": config.num_key_value_heads,
+        "intermediate": config.intermediate_size,
+        "attn_implementation": config._attn_implementation,
     }
 
 
@@ -438,16 +497,18 @@ def analysis(rows: list[dict[str, object]]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    p.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES), choices=BACKBONES)
     p.add_argument(
         "--lengths", nargs="+", type=int, default=None, help=f"total history N (default {LENGTHS})"
     )
     p.add_argument("--batches", nargs="+", type=int, default=None, help=f"request batch (default {BATCHES})")
     p.add_argument("--tokens", type=int, default=4, help="expert tokens k")
     p.add_argument("--recent-fraction", type=float, default=0.2, help="R = N * fraction")
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--layers", type=int, default=None, help="default 16 (LLaMAID: 30, SmolLM2-135M)")
+    p.add_argument("--dim", type=int, default=None, help="default 64 (LLaMAID: 576)")
+    p.add_argument("--heads", type=int, default=None, help="default 8 (LLaMAID: 9)")
+    p.add_argument("--kv-heads", type=int, default=None, help="LLaMAID key/value heads (default 3)")
+    p.add_argument("--intermediate", type=int, default=None, help="LLaMAID MLP width (default 1536)")
     p.add_argument("--items", type=int, default=10_000, help="catalogue size scored by every request")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
@@ -473,6 +534,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def backbone_shape(args: argparse.Namespace, backbone: str) -> dict[str, int | None]:
+    """layers, dim, heads (and for LLaMAID kv_heads, intermediate): the options given, else the defaults."""
+    shape = dict(SMOLLM2_135M_SHAPE if backbone == "LLaMAID" else NATIVE_SHAPE)
+    for name in shape:
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
+    return shape
+
+
+def describe_shape(backbone: str, shape: dict[str, int | None]) -> str:
+    text = f"{shape['layers']} layers, d={shape['dim']}, {shape['heads']} heads"
+    if backbone == "LLaMAID":
+        text = (
+            f"LLaMAID (Llama, random init): {text}, {shape['kv_heads'] or shape['heads']} key/value heads, "
+            f"MLP {shape['intermediate'] or 4 * shape['dim']}"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -490,11 +570,9 @@ def main(argv: list[str] | None = None) -> int:
                     batch,
                     tokens=args.tokens,
                     recent_fraction=args.recent_fraction,
-                    layers=args.layers,
-                    dim=args.dim,
-                    heads=args.heads,
                     items=args.items,
                     seed=args.seed,
+                    **backbone_shape(args, backbone),
                 )
                 # Re-measured per row: on a shared machine the load, and so the attainable rate, drifts.
                 machine = measure_machine(device, threads)
@@ -513,8 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                     # Rewritten after every row so that a long run leaves its finished rows behind.
                     atomic_write_json(args.json, rows, indent=2)
     peaks = [row["peak_gflops"] for row in rows]
+    shapes = dict.fromkeys(describe_shape(name, backbone_shape(args, name)) for name in args.backbones)
     print(
-        f"{args.layers} layers, d={args.dim}, {args.heads} heads, {args.items:,} items, random init, eval + "
+        f"{'; '.join(shapes)}, {args.items:,} items, random init, eval + "
         f"inference mode; {device}, {threads or 'default'} threads; fp32 matmul peak measured per row "
         f"({min(peaks):.0f}-{max(peaks):.0f} GFLOP/s{' on the CPU clock' if device.type == 'cpu' else ''}); "
         "scoring: last position against all items in both paths. Wall-clock columns include other processes' "

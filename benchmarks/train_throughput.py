@@ -52,6 +52,7 @@ from torch import nn
 
 from persrec.atomic import atomic_write_json
 from persrec.config import Config
+from persrec.flops import layer_flops
 from persrec.models.experts import ExpertLayout
 from persrec.timing import matmul_rate, timed_call
 from persrec.train.build import build_model, nce_config
@@ -172,16 +173,11 @@ def step_flops(model: nn.Module, spec: RowSpec, mask_pairs: int) -> dict[str, fl
     1 + negatives candidates per position.
     """
     backbone = model.backbone
-    layer = backbone.layers[0]
-    linear = sum(2 * m.in_features * m.out_features for m in layer.modules() if isinstance(m, nn.Linear))
-    head_dim = backbone.dim // layer.heads
-    qk_width = layer.heads * getattr(layer, "qk_dim", head_dim)
-    v_width = layer.heads * getattr(layer, "v_dim", head_dim)
+    block = layer_flops(backbone)
     slots = spec.seq_len + spec.experts
-    depth = len(backbone.layers)
     forward = {
-        "linear": spec.batch * depth * slots * linear,
-        "attention": spec.batch * depth * mask_pairs * 2 * (qk_width + v_width),
+        "linear": spec.batch * block.depth * slots * block.linear,
+        "attention": spec.batch * block.depth * mask_pairs * block.per_pair,
         "loss": spec.batch * spec.seq_len * (1 + spec.negatives) * 2 * backbone.dim,
     }
     return {name: 3.0 * value for name, value in forward.items()}
@@ -209,9 +205,14 @@ class Trainee:
     model: nn.Module
 
 
-def build_trainee(spec: RowSpec, device: torch.device, attention: str = "auto") -> Trainee:
-    """The trainer's step (`Trainer._step`) on a random full-length batch; `attention` picks the HSTU path."""
-    config = spec.config(attention)
+def build_trainee(
+    spec: RowSpec, device: torch.device, attention: str = "auto", config: Config | None = None
+) -> Trainee:
+    """The trainer's step (`Trainer._step`) on a random full-length batch; `attention` picks the HSTU path.
+
+    `config`: used instead of `spec.config(attention)` (options a RowSpec does not carry, e.g. a user model
+    directory); `spec` still gives the batch shape."""
+    config = config or spec.config(attention)
     torch.manual_seed(spec.seed)
     model = build_model(config, spec.items).to(device).train()
     loss = SampledSoftmaxLoss(nce_config(config), spec.items).to(device)
