@@ -9,7 +9,8 @@ batch, one randomly initialised model (eval mode, inference mode) is timed on th
             scored the same way (the per-request cost of the method);
 - compress: building that cache from the P history items (one-off per user, or per completed segment);
 - one-item: a cached request with a single recent item (the part of a request that does not shrink with R);
-- SASRec only, full through SDPA's causal kernel instead of the explicit mask the backbone always passes.
+- SASRec and LLaMAID only, full through SDPA's causal kernel instead of the explicit mask the backbone always
+  passes (LLaMAID: the decoder without an attention mask, which transformers runs with `is_causal`).
 
 LLaMAID rows (`--backbones LLaMAID`) run a Hugging Face Llama of SmolLM2-135M's shape (30 layers, width 576, 9
 heads with 3 key/value heads, gated MLP of 1536, rope theta 100,000) with random weights over item-ID embeddings
@@ -265,6 +266,15 @@ def build_row_backbone(spec: RowSpec, config: BackboneConfig) -> SequenceBackbon
     return HFDecoderBackbone(config, decoder)
 
 
+def hf_causal_hidden(backbone: HFDecoderBackbone, ids: Tensor) -> Tensor:
+    """The decoder over an all-valid window without a mask: transformers then calls SDPA's causal kernel
+    (and, where SDPA has it, grouped-query attention without repeating keys). Same weights and numbers as
+    `backbone(ids)` (checked per row): the fair full baseline, as `sasrec_causal_hidden` is for SASRec."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]
+    inputs = backbone.input_embeddings(ids)
+    return backbone.decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False)[0]
+
+
 def run_row(spec: RowSpec, machine: Machine, repeats: int = 9, budget_s: float = 20.0) -> dict[str, object]:
     """Build the model of `spec`, check the cached scores against the full masked pass, time every path."""
     device = machine.device
@@ -311,10 +321,12 @@ def run_row(spec: RowSpec, machine: Machine, repeats: int = 9, budget_s: float =
             if replay is not None:
                 paths[f"attention_{path}"] = replay
         causal_diff = None
-        if isinstance(backbone, SASRec):
+        causal = {SASRec: sasrec_causal_hidden, HFDecoderBackbone: hf_causal_hidden}
+        causal_hidden = next((fn for kind, fn in causal.items() if isinstance(backbone, kind)), None)
+        if causal_hidden is not None:
 
             def full_causal() -> Tensor:
-                return sasrec_causal_hidden(backbone, ids)[:, -1] @ table.T
+                return causal_hidden(backbone, ids)[:, -1] @ table.T
 
             causal_diff = (full_causal() - full()).abs().max().item()
             paths["full_causal"] = full_causal
@@ -547,7 +559,7 @@ def describe_shape(backbone: str, shape: dict[str, int | None]) -> str:
     text = f"{shape['layers']} layers, d={shape['dim']}, {shape['heads']} heads"
     if backbone == "LLaMAID":
         text = (
-            f"LLaMAID (Llama, random init): {text}, {shape['kv_heads'] or shape['heads']} key/value heads, "
+            f"LLaMAID (Llama): {text}, {shape['kv_heads'] or shape['heads']} key/value heads, "
             f"MLP {shape['intermediate'] or 4 * shape['dim']}"
         )
     return text
