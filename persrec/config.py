@@ -33,6 +33,8 @@ LOSSES = ("nce",)
 SCHEDULERS = ("constant", "cosine")
 LOGGERS = ("csv", "tensorboard", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+ZERO_STAGES = (2, 3)
 # The dispatcher in persrec.models.hstu_attention accepts these names.
 ATTENTION_IMPLEMENTATIONS = ("auto", "native", "tiled", "reference")
 # transformers' kernels that honour persrec's 4-D masks exactly (LLaMAID, HLLM).
@@ -183,8 +185,20 @@ class Config:
     num_workers: int = 0
     # auto (CUDA when available), cpu, cuda, cuda:1 ...
     device: str = "auto"
-    # auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.
+    # auto (bf16 autocast on a CUDA device that supports it, fp32 on CPU), fp32 or bf16.
     precision: str = "auto"
+    # ---- scale ----
+    # How torchrun's processes share training: ddp (a full replica each, gradients averaged), fsdp (FSDP2: every
+    # parameter, gradient and optimizer moment sharded block by block) or deepspeed (ZeRO, `--stage`; needs
+    # pip install 'persrec[deepspeed]'). Checkpoints are the same files whichever trained them.
+    strategy: str = "ddp"
+    # DeepSpeed ZeRO stage: 2 partitions optimizer state and gradients, 3 the parameters too.
+    stage: int = 2
+    # A DeepSpeed config file (JSON or YAML) merged over the one built from these options (none = built only).
+    deepspeed_config: str | None = None
+    # Recompute each block's activations in the backward pass instead of keeping them: activation memory of
+    # one block instead of all, for about one more forward pass of compute. Gradients are unchanged.
+    gradient_checkpointing: bool = False
     # ---- validation and early stopping ----
     # Stop after this many evaluations without improvement of `valid_metric`.
     stopping_step: int = 10
@@ -287,14 +301,7 @@ def suggest_key(key: str, known: list[str] | None = None) -> str | None:
 
 # Options of the original PerSRec/HLLM scripts for backbones persrec does not have yet: a user porting a script
 # should read that, not a suggestion of some similarly spelled key.
-NOT_SUPPORTED_YET = {
-    name.lower(): name
-    for name in (
-        "gradient_checkpointing",
-        "strategy",
-        "stage",
-    )
-}
+NOT_SUPPORTED_YET: dict[str, str] = {}  # lower-cased name -> name; every such option is supported now
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:

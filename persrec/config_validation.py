@@ -16,6 +16,8 @@ from persrec.config import (
     LOSSES,
     PRECISIONS,
     SCHEDULERS,
+    STRATEGIES,
+    ZERO_STAGES,
     Config,
     ConfigError,
     _fields,
@@ -113,6 +115,9 @@ def _check_names(config: Config, training: bool) -> None:
     _choice("optim_args.scheduler", config.optim_args.scheduler, SCHEDULERS)
     _choice("logger", config.logger, LOGGERS)
     _choice("precision", config.precision, PRECISIONS)
+    _choice("strategy", config.strategy, STRATEGIES)
+    if config.stage not in ZERO_STAGES:
+        raise _fail("stage", f"a DeepSpeed ZeRO stage, {' or '.join(map(str, ZERO_STAGES))}", config.stage)
     try:
         canonical_model_name(config.model)
     except ValueError as error:
@@ -210,6 +215,20 @@ def _check_environment(config: Config, training: bool) -> None:
         raise ConfigError(
             "--logger tensorboard needs the tensorboard package: pip install 'persrec[tensorboard]' "
             "(or use --logger csv)"
+        )
+    if config.strategy == "deepspeed":
+        from persrec.train.deepspeed_config import deepspeed_available, read_deepspeed_file
+
+        if not deepspeed_available():
+            raise ConfigError(
+                "--strategy deepspeed needs the deepspeed package: pip install 'persrec[deepspeed]' "
+                "(or use --strategy fsdp, built in)"
+            )
+        if config.deepspeed_config:
+            read_deepspeed_file(config.deepspeed_config)
+    elif config.deepspeed_config:
+        raise ConfigError(
+            f"--deepspeed_config is read by --strategy deepspeed; this run uses {config.strategy}"
         )
     root = Path(config.checkpoint_dir)
     if root.exists() and not root.is_dir():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from persrec.models.mask_cache import PassMask
 
@@ -143,10 +144,25 @@ class SequenceBackbone(nn.Module):
             nn.init.normal_(self.position_embedding.weight, std=dim**-0.5)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
+        self.gradient_checkpointing = False
 
     @property
     def dim(self) -> int:
         return self.config.embedding_dim
+
+    def shardable_layers(self) -> list[nn.Module]:
+        """The blocks a sharded run (FSDP) shards one by one, so only one block's full weights exist at a time.
+
+        Backbones whose blocks live elsewhere (a Hugging Face decoder's `model.layers`) override this.
+        """
+        return list(self.layers)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (memory for time).
+
+        Backbones that delegate their blocks to another library override this to switch on its own mechanism.
+        """
+        self.gradient_checkpointing = enabled
 
     def embed_items(self, item_ids: Tensor) -> Tensor:
         """Output-side item vectors used for scoring and the loss: ids [...] -> [..., D]."""
@@ -212,7 +228,14 @@ class SequenceBackbone(nn.Module):
         keys, values = [], []
         for index, layer in enumerate(self.layers):
             past = None if cache is None else (cache.keys[index], cache.values[index])
-            hidden, (k, v) = self._call_layer(layer, hidden, shared, past, context)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant: works with FSDP's hooks and with inputs that need no gradient; the RNG state
+                # is replayed, so dropout draws the same masks when the block is recomputed.
+                hidden, (k, v) = checkpoint(
+                    self._call_layer, layer, hidden, shared, past, context, use_reentrant=False
+                )
+            else:
+                hidden, (k, v) = self._call_layer(layer, hidden, shared, past, context)
             keys.append(k)
             values.append(v)
         hidden = self._output_norm(hidden)

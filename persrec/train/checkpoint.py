@@ -58,24 +58,31 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict_for_saving(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module's state dict, or a state dict already gathered (a sharded run's full state dict)."""
+    state = model if isinstance(model, dict) else model.state_dict()
     # safetensors refuses shared storage; clone every tensor to own its memory.
-    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in model.state_dict().items()}
+    return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
+def save_weights(model: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
     with atomic_path(path) as tmp:
         save_file(_state_dict_for_saving(model), str(tmp))
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights; a damaged file or one for another model is a ConfigError naming the file."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors weights file; a damaged one is a ConfigError naming the file."""
     from safetensors import SafetensorError
 
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise ConfigError(f"{path} is not a readable safetensors weights file ({error})") from error
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights; a damaged file or one for another model is a ConfigError naming the file."""
+    state = read_weights(path)
     own = model.state_dict()
     wrong = [
         f"{key} {tuple(value.shape)} (model: {tuple(own[key].shape)})"
@@ -142,7 +149,7 @@ def save_checkpoint(
     run_dir: Path,
     name: str,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     config: Config,
     optimizer_state: dict[str, Any],
     trainer_state: TrainerState,

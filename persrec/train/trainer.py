@@ -7,7 +7,6 @@ rebuilt from the checkpoint's records, so it reads as if the run had never stopp
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -18,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
@@ -42,6 +40,7 @@ from persrec.train.logging import build_logger
 from persrec.train.loss import SampledSoftmaxLoss
 from persrec.train.resume import PATH_KEYS, run_dir_of, training_finished
 from persrec.train.schedule import build_optimizer
+from persrec.train.strategy import build_strategy
 
 LOG_EVERY = 20
 
@@ -135,21 +134,17 @@ class Trainer:
         if config.max_steps:
             total = min(total, config.max_steps)
         self.total_steps = total
-        params = list(self.model.parameters()) + list(self.loss.parameters())
-        self.optimizer, self.scheduler = build_optimizer(params, config.optim_args, total)
+        # The strategy wraps (FSDP: shards) model and loss before the optimizer sees their parameters.
+        self.strategy = build_strategy(config, ctx)
+        self.strategy.prepare(self.model, self.loss)
+        self.optimizer, self.scheduler = build_optimizer(self.strategy.parameters(), config.optim_args, total)
+        self.strategy.attach(self.optimizer, self.scheduler)
         self.negatives = torch.Generator(device=ctx.device).manual_seed(config.seed * 1000 + ctx.rank)
         self.state = ckpt.TrainerState()
         self.eval_config = EvalConfig(
             ks=tuple(config.topk), filter_seen=config.filter_seen, ties="pessimistic"
         )
-        self.autocast = self._autocast()
-        self.ddp = (
-            DistributedDataParallel(
-                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
-            )
-            if ctx.enabled
-            else None
-        )
+        self.autocast = self.strategy.autocast
         self.stop = StopRequests()
         self._loss_sum: torch.Tensor | None = None
         self._epoch_started = time.perf_counter()
@@ -176,16 +171,6 @@ class Trainer:
         self.logger = build_logger(config.logger, self.run_dir, ctx.is_main, self.state.history)
 
     # ---- setup helpers -------------------------------------------------------------------------------------
-    def _autocast(self) -> torch.autocast | None:
-        precision = self.config.precision
-        if precision == "auto":
-            precision = "bf16" if self.ctx.device.type == "cuda" else "fp32"
-        if precision == "fp32":
-            return None
-        if precision == "bf16":
-            return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
-        raise ConfigError(f"precision={self.config.precision!r}: expected auto, fp32 or bf16")
-
     def _generators(self) -> dict[str, torch.Generator]:
         return {"negatives": self.negatives}
 
@@ -193,11 +178,12 @@ class Trainer:
         require_same_dataset(
             ckpt.load_dataset_fingerprint(checkpoint), self.fingerprint, f"the run resumed from {checkpoint}"
         )
-        ckpt.load_weights(self.model, checkpoint / "model.safetensors")
+        weights = checkpoint / "model.safetensors"
+        self.strategy.load_model_state(ckpt.read_weights(weights), str(weights))
         state = ckpt.load_optimizer_state(checkpoint, self.ctx.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loss.load_state_dict(state["loss"])
+        self.strategy.load_loss_state(state["loss"])
         self.state = ckpt.load_trainer_state(checkpoint)
         rng = ckpt.load_rng_state(checkpoint, self.ctx.rank, self.ctx.world_size)
         ckpt.restore_rng_state(rng, self._generators())
@@ -217,17 +203,20 @@ class Trainer:
             gathered: list[dict[str, Any] | None] = [None] * self.ctx.world_size
             torch.distributed.all_gather_object(gathered, states[0])
             states = gathered  # type: ignore[assignment]
+        # Gathering a sharded state is a collective: every rank takes part, the main rank writes.
+        model_state = self.strategy.model_state()
+        optimizer_state = {
+            "optimizer": self.strategy.optimizer_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "loss": self.strategy.loss_state(),
+        }
         if self.ctx.is_main:
             ckpt.save_checkpoint(
                 self.run_dir,
                 f"step-{self.state.global_step}",
-                model=self.model,
+                model=model_state,
                 config=self.config,
-                optimizer_state={
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "loss": self.loss.state_dict(),
-                },
+                optimizer_state=optimizer_state,
                 trainer_state=self.state,
                 rng_states=states,
                 dataset_fingerprint=self.fingerprint,
@@ -258,23 +247,7 @@ class Trainer:
 
     # ---- training ------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        network = self.ddp or self.model
-        with self.autocast or contextlib.nullcontext():
-            queries, targets = network(batch)
-            output = self.loss(
-                queries,
-                targets,
-                self.model.embed_items,
-                generator=self.negatives,
-                sequence_length=batch["input_ids"].shape[1],
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        if self.config.optim_args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim_args.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        return output.loss.detach()
+        return self.strategy.train_step(batch, self.negatives)
 
     def _done(self) -> bool:
         return bool(self.config.max_steps) and self.state.global_step >= self.config.max_steps
@@ -332,7 +305,8 @@ class Trainer:
         loader = eval_loader(
             self.store, split, self.window, self.config.eval_batch_size, self.ctx, self.config.filter_seen
         )
-        return evaluate_model(self.model, loader, self.eval_config, self.ctx.device, self.autocast)
+        model = self.strategy.evaluation_model()
+        return evaluate_model(model, loader, self.eval_config, self.ctx.device, self.autocast)
 
     def _improved(self, metrics: dict[str, float]) -> bool:
         key = self.config.valid_metric
@@ -348,9 +322,10 @@ class Trainer:
         return training_finished(self.state, self.config)
 
     def _save_best(self, best_dir: Path) -> None:
+        model_state = self.strategy.model_state()
         if self.ctx.is_main:
             ckpt.save_model_files(best_dir, self.config, self.fingerprint, self.store.path, self.model)
-            ckpt.save_weights(self.model, best_dir / "model.safetensors")
+            ckpt.save_weights(model_state, best_dir / "model.safetensors")
 
     def fit(self) -> RunResult:
         """Train until done, then report; SIGINT/SIGTERM end it with a checkpoint (`TrainingInterrupted`)."""
@@ -362,7 +337,7 @@ class Trainer:
         best_path = self.run_dir / "best" / "model.safetensors"
         self.ctx.barrier()
         if best_path.is_file():
-            ckpt.load_weights(self.model, best_path)
+            self.strategy.load_model_state(ckpt.read_weights(best_path), str(best_path))
         else:  # never evaluated (e.g. max_steps hit before an evaluation): the final weights are the result
             self._save_best(best_path.parent)
         return self.final_report(best_path)

@@ -1,0 +1,136 @@
+"""DeepSpeed ZeRO (stage 2 or 3) behind persrec's strategy interface (the optional `deepspeed` extra).
+
+persrec's own AdamW and schedule stay the client optimizer, so a ZeRO run follows the same update rule as a DDP
+or FSDP run. Checkpoints never use DeepSpeed's own (pickled) checkpoint files: weights and optimizer moments
+are gathered parameter by parameter with DeepSpeed's public `safe_get_full_*` functions into the
+single-process format, and restored with `safe_set_full_*`, so a ZeRO checkpoint loads into a plain run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from persrec.train.deepspeed_config import deepspeed_config, require_deepspeed
+from persrec.train.strategy import FULL_ON_MAIN, ShardedStrategy, check_state, resolve_precision
+
+# AdamW's per-parameter moments; the step count lives once per flat partition in DeepSpeed.
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class DeepSpeedStrategy(ShardedStrategy):
+    name = "deepspeed"
+
+    def attach(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        deepspeed = require_deepspeed()
+        bf16 = resolve_precision(self.config.precision, self.ctx.device) == "bf16"
+        settings = deepspeed_config(self.config, dist.get_world_size(), bf16)
+        os.environ.setdefault("LOCAL_RANK", str(self.ctx.local_rank))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.engine, self.zero, _, _ = deepspeed.initialize(
+                model=self.root, optimizer=optimizer, config=settings, dist_init_required=False
+            )
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self._parameters = list(self.root.named_parameters())
+
+    def train_step(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        with self.autocast or contextlib.nullcontext():
+            output = self.engine(batch, generator)
+        self.engine.backward(output.loss)
+        self.engine.step()  # clips (gradient_clipping), steps the optimizer, zeroes the gradients
+        self.scheduler.step()
+        return output.loss.detach().float()
+
+    # ---- state in the single-process format --------------------------------------------------------------
+    def full_state(self, where: str) -> dict[str, Tensor]:
+        """fp32 master weights (ZeRO keeps them in the optimizer) and buffers; every rank takes part."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state: dict[str, Tensor] = {}
+        for name, parameter in self._parameters:
+            value = safe_get_full_fp32_param(parameter)
+            state[name] = value.detach().cpu().clone() if where == FULL_ON_MAIN else value.detach().clone()
+        for name, buffer in self.root.named_buffers():
+            state[name] = buffer.detach().cpu().clone()
+        return state
+
+    def _step_count(self) -> Tensor:
+        inner = getattr(self.zero, "optimizer", self.zero)
+        for values in inner.state.values():
+            if "step" in values:
+                return torch.as_tensor(values["step"], dtype=torch.float32).detach().cpu().clone()
+        return torch.tensor(0.0)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        step = self._step_count()
+        state: dict[int, dict[str, Tensor]] = {}
+        for index, (_, parameter) in enumerate(self._parameters):
+            moments = {key: safe_get_full_optimizer_state(parameter, key) for key in MOMENTS}
+            if any(value is None for value in moments.values()):
+                continue  # no step taken yet
+            state[index] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
+        (group,) = self.optimizer.param_groups
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        return {"state": state, "param_groups": [{**hyper, "params": list(range(len(self._parameters)))}]}
+
+    def _set_parameters(self, values: dict[str, Tensor]) -> None:
+        """Both the fp32 master copy and the (possibly bf16, possibly partitioned) module parameter."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        chosen = [(p, values[name]) for name, p in self._parameters if name in values]
+        parameters = [p for p, _ in chosen]
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
+            for parameter, value in chosen:
+                parameter.data.copy_(value.to(parameter.dtype))
+        for parameter, value in chosen:
+            safe_set_full_fp32_param(parameter, value.to(self.ctx.device, torch.float32))
+
+    def load_model_state(self, state: dict[str, Tensor], what: str) -> None:
+        check_state(state, self._reference, what)
+        model_buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, buffer in model_buffers.items():
+                buffer.copy_(state[name])
+        self._set_parameters({f"model.{k}": v for k, v in state.items() if k not in model_buffers})
+
+    def load_loss_state(self, state: dict[str, Tensor]) -> None:
+        parameters = dict(self.loss.named_parameters())
+        self._set_parameters({f"loss.{k}": v for k, v in state.items() if k in parameters})
+        remaining = {k: v for k, v in state.items() if k not in parameters}
+        self.loss.load_state_dict({**self.loss.state_dict(), **remaining})
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        saved = state["state"]
+        for index, (_, parameter) in enumerate(self._parameters):
+            entry = saved.get(index) if index in saved else saved.get(str(index))
+            if entry is None:
+                continue
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(parameter, entry[key].to(self.ctx.device), key)
+        steps = [entry["step"] for entry in saved.values()]
+        inner = getattr(self.zero, "optimizer", self.zero)
+        if steps:
+            for values in inner.state.values():
+                if "step" in values:
+                    values["step"] = (
+                        steps[0].clone().to(values["step"].device)
+                        if torch.is_tensor(values["step"])
+                        else int(steps[0])
+                    )
+        (group,) = self.optimizer.param_groups
+        (saved_group,) = state["param_groups"]
+        for key, value in saved_group.items():
+            if key != "params":
+                group[key] = value
