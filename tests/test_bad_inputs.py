@@ -162,6 +162,15 @@ def without_tensorboard(env: Env) -> None:
     env.monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
+def without_deepspeed(env: Env) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name == "deepspeed" else real(name, *args, **kwargs)
+
+    env.monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
 def without_cuda(env: Env) -> None:
     env.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
@@ -329,6 +338,26 @@ CASES = [
         write("w/model.safetensors", b"0"),
     ),
     Case("evaluate no argument", ["evaluate"], "evaluate: the following arguments are required: checkpoint"),
+    # ---- strategies ----
+    Case("strategy", train("--strategy", "fsdp2"), "--strategy: expected one of ddp, fsdp, deepspeed"),
+    Case("stage", train("--stage", "1"), "--stage: expected a DeepSpeed ZeRO stage, 2 or 3, got 1"),
+    Case(
+        "deepspeed missing",
+        train("--strategy", "deepspeed"),
+        "--strategy deepspeed needs the deepspeed package: pip install 'persrec[deepspeed]'",
+        without_deepspeed,
+    ),
+    Case(
+        "deepspeed_config without deepspeed",
+        train("--deepspeed_config", "{tmp}/ds.json"),
+        "--deepspeed_config is read by --strategy deepspeed",
+        write("ds.json", "{}"),
+    ),
+    Case(
+        "gradient_checkpointing not a bool",
+        train("--gradient_checkpointing", "sometimes"),
+        "--gradient_checkpointing: expected true or false",
+    ),
     # ---- Hugging Face backbones ----
     Case(
         "hub id as a model directory",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import socket
+import warnings
 from typing import Any
 
 import torch
@@ -94,6 +95,19 @@ def check_state(state: dict[str, Tensor], reference: dict[str, Tensor], what: st
         raise ConfigError(
             f"{what} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def indexed_optimizer_state(by_name: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name -> keyed by index in `names` (the single-process format)."""
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
+    return {"state": {index[n]: s for n, s in by_name["state"].items()}, "param_groups": groups}
+
+
+def named_optimizer_state(by_index: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of `indexed_optimizer_state`."""
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in by_index["param_groups"]]
+    return {"state": {names[int(i)]: s for i, s in by_index["state"].items()}, "param_groups": groups}
 
 
 class TrainingStrategy:
@@ -215,16 +229,6 @@ class ShardedStrategy(TrainingStrategy):
         self._replica.load_state_dict(model_state)
         return self._replica
 
-    def indexed_optimizer_state(self, by_name: dict[str, Any]) -> dict[str, Any]:
-        """An optimizer state keyed by parameter name -> keyed by index (the single-process format)."""
-        index = {name: i for i, name in enumerate(self.names())}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
-        return {"state": {index[n]: s for n, s in by_name["state"].items()}, "param_groups": groups}
-
-    def named_optimizer_state(self, by_index: dict[str, Any]) -> dict[str, Any]:
-        names = self.names()
-        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in by_index["param_groups"]]
-        return {"state": {names[int(i)]: s for i, s in by_index["state"].items()}, "param_groups": groups}
 
 
 class FSDPStrategy(ShardedStrategy):
@@ -245,6 +249,9 @@ class FSDPStrategy(ShardedStrategy):
         with torch.no_grad():
             for tensor in [*self.root.parameters(), *self.root.buffers()]:
                 dist.broadcast(tensor, src=0)
+        # The blocks return their keys/values as views of one projection; nothing edits them in place, which is
+        # what FSDP's warning about views is about.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         world = dist.get_world_size()
         mesh = init_device_mesh(self.ctx.device.type, (world,))
         for layer in model.backbone.shardable_layers():
@@ -279,7 +286,7 @@ class FSDPStrategy(ShardedStrategy):
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         by_name = get_optimizer_state_dict(self.root, self.optimizer, options=self._options(FULL_ON_MAIN))
-        return self.indexed_optimizer_state(by_name) if self.ctx.is_main else {}
+        return indexed_optimizer_state(by_name, self.names()) if self.ctx.is_main else {}
 
     def _load_root(self, state: dict[str, Tensor]) -> None:
         """Load full tensors (the same on every rank) for some of the root's keys; each rank keeps its shard."""
@@ -301,7 +308,7 @@ class FSDPStrategy(ShardedStrategy):
         set_optimizer_state_dict(
             self.root,
             self.optimizer,
-            self.named_optimizer_state(state),
+            named_optimizer_state(state, self.names()),
             options=StateDictOptions(full_state_dict=True),
         )
 
