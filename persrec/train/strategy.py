@@ -230,7 +230,6 @@ class ShardedStrategy(TrainingStrategy):
         return self._replica
 
 
-
 class FSDPStrategy(ShardedStrategy):
     """FSDP2: `fully_shard` on every block, then on the model and loss as a whole.
 
@@ -254,15 +253,23 @@ class FSDPStrategy(ShardedStrategy):
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         world = dist.get_world_size()
         mesh = init_device_mesh(self.ctx.device.type, (world,))
+        # FSDP cannot shard a 0-d tensor (the loss's learnable temperature): such parameters stay replicated
+        # and their gradients are averaged here, as DDP would.
+        self.replicated = [p for p in self.root.parameters() if p.dim() == 0]
+        ignored = set(self.replicated)
         for layer in model.backbone.shardable_layers():
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.root, mesh=mesh)
+            fully_shard(layer, mesh=mesh, ignored_params=ignored)
+        fully_shard(self.root, mesh=mesh, ignored_params=ignored)
 
     def train_step(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         with self.autocast or contextlib.nullcontext():
             output = self.root(batch, generator)
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
+        for parameter in self.replicated:
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= dist.get_world_size()
         max_norm = self.config.optim_args.max_grad_norm
         if max_norm > 0:  # the model's parameters, as under DDP; the norm is reduced over the shards
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
