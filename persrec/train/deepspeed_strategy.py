@@ -57,8 +57,9 @@ class DeepSpeedStrategy(ShardedStrategy):
         for name, parameter in self._parameters:
             value = safe_get_full_fp32_param(parameter)
             state[name] = value.detach().cpu().clone() if where == FULL_ON_MAIN else value.detach().clone()
-        for name, buffer in self.root.named_buffers():
-            state[name] = buffer.detach().cpu().clone()
+        for name, value in self.root.state_dict().items():  # persistent buffers
+            if name not in state:
+                state[name] = value.detach().cpu().clone()
         return state
 
     def _step_count(self) -> Tensor:
@@ -95,23 +96,40 @@ class DeepSpeedStrategy(ShardedStrategy):
         for parameter, value in chosen:
             safe_set_full_fp32_param(parameter, value.to(self.ctx.device, torch.float32))
 
+    def _load(self, module: torch.nn.Module, prefix: str, state: dict[str, Tensor]) -> None:
+        parameters = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                if name not in parameters:
+                    module.get_buffer(name).copy_(value)
+        self._set_parameters({prefix + k: v for k, v in state.items() if k in parameters})
+
     def load_model_state(self, state: dict[str, Tensor], what: str) -> None:
         check_state(state, self._reference, what)
-        model_buffers = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for name, buffer in model_buffers.items():
-                buffer.copy_(state[name])
-        self._set_parameters({f"model.{k}": v for k, v in state.items() if k not in model_buffers})
+        self._load(self.model, "model.", state)
 
     def load_loss_state(self, state: dict[str, Tensor]) -> None:
-        parameters = dict(self.loss.named_parameters())
-        self._set_parameters({f"loss.{k}": v for k, v in state.items() if k in parameters})
-        remaining = {k: v for k, v in state.items() if k not in parameters}
-        self.loss.load_state_dict({**self.loss.state_dict(), **remaining})
+        self._load(self.loss, "loss.", state)
+
+    def _materialise_moments(self) -> None:
+        """Zero moments for every flat partition, as AdamW's first step would create them, so that saved ones
+        can be written into them before any step (DeepSpeed links them to parameters after its first step)."""
+        inner = getattr(self.zero, "optimizer", self.zero)
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                if not inner.state.get(flat):
+                    inner.state[flat] = {
+                        "step": torch.tensor(0.0),
+                        **{key: torch.zeros_like(flat, memory_format=torch.preserve_format) for key in MOMENTS},
+                    }
+        link = getattr(self.zero, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1 and 2
+        if link is not None:
+            link()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        self._materialise_moments()
         saved = state["state"]
         for index, (_, parameter) in enumerate(self._parameters):
             entry = saved.get(index) if index in saved else saved.get(str(index))

@@ -4,8 +4,12 @@ DeepSpeed ZeRO-2 in one process (needs the `deepspeed` extra, which the `test` e
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -13,9 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from persrec.cli import main
+from persrec.config import load_config
+from persrec.train import checkpoint as ckpt
 from persrec.train.distributed import DistributedContext
 from persrec.train.strategy import TrainingStrategy
-from tests.conftest import torchrun_command
+from persrec.train.trainer import Trainer
+from tests.conftest import cli_flags, tiny_overrides, torchrun_command
+from tests.train.test_resume import _torchrun, _wait_for_step
 
 ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -131,3 +140,101 @@ def test_fsdp_on_two_processes_equals_one_process_on_the_same_global_batch(tmp_p
         worst = max((sharded[k] - single[k]).abs().max().item() for k in single)
         assert worst <= 1e-6, (name, worst)
         assert not torch.equal(single["loss.scale"], torch.tensor(5.0))  # the loss parameter trained too
+
+
+# ---- persrec train --strategy fsdp on two processes ------------------------------------------------------
+RUN = dict(max_steps=24, epochs=40, save_every_steps=1, hidden_dropout_prob=0.3, n_layers=2)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
+
+
+def _finish(process: subprocess.Popen) -> None:
+    assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_training_equals_ddp_resumes_exactly_and_loads_in_one_process(tiny_dataset, tmp_path, capsys):
+    runs = {name: tiny_overrides(tiny_dataset, tmp_path / name, **RUN) for name in ("ddp", "fsdp", "killed")}
+    _finish(_torchrun(cli_flags({**runs["ddp"], "strategy": "ddp"})))
+    _finish(_torchrun(cli_flags({**runs["fsdp"], "strategy": "fsdp"})))
+    ddp, fsdp = _weights(tmp_path / "ddp" / "run"), _weights(tmp_path / "fsdp" / "run")
+    assert ddp.keys() == fsdp.keys()
+    assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) <= 1e-6  # 24 steps, dropout on
+
+    # killed mid-run (SIGKILL to launcher and workers), then resumed: bit-for-bit the uninterrupted run
+    killed = {**runs["killed"], "strategy": "fsdp"}
+    run = tmp_path / "killed" / "run"
+    process = _torchrun(cli_flags(killed))
+    _wait_for_step(run, 7, process, timeout=300)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step < 24
+    _finish(_torchrun(cli_flags({**killed, "resume": "true"})))
+    resumed = _weights(run)
+    for key in fsdp:
+        assert torch.equal(resumed[key], fsdp[key]), key
+
+    # one process reads the sharded run: evaluation reproduces its test metrics
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "fsdp" / "run"), "--show_progress", "false"]) == 0
+    recorded = json.loads((tmp_path / "fsdp" / "run" / "results.json").read_text())["test"]
+    assert f"{recorded['ndcg@10']:.4f}" in capsys.readouterr().out
+
+
+# ---- DeepSpeed ZeRO-2, one process ----------------------------------------------------------------------
+DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None
+DEEPSPEED_RUN = dict(max_steps=8, hidden_dropout_prob=0.3, n_layers=2, popularity_baseline="false")
+
+DEEPSPEED_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import pytest
+    from persrec.train.distributed import teardown_distributed
+    from tests.train.test_strategy import _trained
+
+    dataset, root, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    _trained(dataset, f"{root}/straight", **settings)
+    _trained(dataset, f"{root}/killed", killed_at=4, save_every_steps=4, **settings)
+    _trained(dataset, f"{root}/killed", resume=True, save_every_steps=4, **settings)
+    teardown_distributed()
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    DEEPSPEED_MISSING,
+    reason="deepspeed is not installed (pip install 'persrec[deepspeed]'); the test extra leaves it out: "
+    "its first run compiles an op for about 90 s",
+)
+def test_deepspeed_zero2_in_one_process_trains_the_plain_model_and_resumes_exactly(tiny_dataset, tmp_path):
+    settings = {**DEEPSPEED_RUN, "strategy": "deepspeed", "stage": 2}
+    script = tmp_path / "worker.py"
+    script.write_text(DEEPSPEED_WORKER)
+    completed = subprocess.run(
+        [sys.executable, str(script), str(tiny_dataset), str(tmp_path), json.dumps(settings)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    plain = Trainer(
+        load_config(overrides=tiny_overrides(tiny_dataset, tmp_path / "plain", **DEEPSPEED_RUN)),
+        DistributedContext(),
+    )
+    plain.fit()
+    straight, theirs = _weights(tmp_path / "straight" / "run"), _weights(tmp_path / "plain" / "run")
+    assert max((straight[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
+    resumed = _weights(tmp_path / "killed" / "run")
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    # the ZeRO checkpoint is a plain one: one process without deepspeed resumes from it
+    latest = ckpt.latest_checkpoint(tmp_path / "straight" / "run")
+    config = ckpt.load_checkpoint_config(latest).replace(strategy="ddp", max_steps=9)
+    continued = Trainer(config, DistributedContext(), latest)
+    assert continued.state.global_step == 8
+    for name, tensor in continued.model.state_dict().items():
+        assert torch.equal(tensor, straight[name]), name
