@@ -1,6 +1,7 @@
 """Config precedence, typing of command-line values, validation, the key reference and helpful errors."""
 
 import dataclasses
+import importlib.util
 from importlib.resources import files
 
 import pytest
@@ -122,8 +123,14 @@ def test_the_defaults_and_every_shipped_config_validate(tmp_path, monkeypatch):
     monkeypatch.setenv("PERSREC_MODELS_DIR", str(tmp_path))
     configs = files("persrec") / "configs"
     for path in configs.iterdir():
-        if path.name.endswith(".yaml") and not path.name.startswith("experts-"):
-            load_config([str(path)]).validate()
+        if not path.name.endswith(".yaml") or path.name.startswith("experts-"):
+            continue
+        config = load_config([str(path)])
+        if config.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            with pytest.raises(ConfigError, match=r"pip install 'persrec\[deepspeed\]'"):
+                config.validate()
+            config = config.replace(strategy="ddp")  # everything else in it must still be valid
+        config.validate()
     # The expert overlays go on top of a model config with their window.
     for model, overlay in [
         ("amazon-toy-hllm-minilm.yaml", "experts-P40-R10-k4.yaml"),

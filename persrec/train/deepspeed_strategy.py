@@ -115,13 +115,18 @@ class DeepSpeedStrategy(ShardedStrategy):
         """Zero moments for every flat partition, as AdamW's first step would create them, so that saved ones
         can be written into them before any step (DeepSpeed links them to parameters after its first step)."""
         inner = getattr(self.zero, "optimizer", self.zero)
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                if not inner.state.get(flat):
-                    inner.state[flat] = {
-                        "step": torch.tensor(0.0),
-                        **{key: torch.zeros_like(flat, memory_format=torch.preserve_format) for key in MOMENTS},
-                    }
+        # The fp32 partitions the inner optimizer steps (ZeRO 3 names them differently from ZeRO 1 and 2).
+        flats = getattr(self.zero, "fp32_partitioned_groups_flat", None) or getattr(
+            self.zero, "single_partition_of_fp32_groups", None
+        )
+        if flats is None:
+            flats = [flat for group in inner.param_groups for flat in group["params"]]
+        for flat in flats:
+            if not inner.state.get(flat):
+                inner.state[flat] = {
+                    "step": torch.tensor(0.0),
+                    **{key: torch.zeros_like(flat, memory_format=torch.preserve_format) for key in MOMENTS},
+                }
         link = getattr(self.zero, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO 1 and 2
         if link is not None:
             link()

@@ -33,6 +33,8 @@ RESUME_MAY_CHANGE = frozenset(
         "val_only",
         "compare_cache",
         "stale_experts",
+        # recomputing activations gives bit-identical gradients: a run that ran out of memory can resume with it
+        "gradient_checkpointing",
     }
 )
 

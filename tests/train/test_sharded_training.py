@@ -183,7 +183,7 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_loads_in_one_process(tiny_
     assert f"{recorded['ndcg@10']:.4f}" in capsys.readouterr().out
 
 
-# ---- DeepSpeed ZeRO-2, one process ----------------------------------------------------------------------
+# ---- DeepSpeed ZeRO-2 and 3, one process ----------------------------------------------------------------------
 DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None
 DEEPSPEED_RUN = dict(max_steps=8, hidden_dropout_prob=0.3, n_layers=2, popularity_baseline="false")
 
@@ -209,8 +209,16 @@ DEEPSPEED_WORKER = textwrap.dedent(
     reason="deepspeed is not installed (pip install 'persrec[deepspeed]'); the test extra leaves it out: "
     "its first run compiles an op for about 90 s",
 )
-def test_deepspeed_zero2_in_one_process_trains_the_plain_model_and_resumes_exactly(tiny_dataset, tmp_path):
-    settings = {**DEEPSPEED_RUN, "strategy": "deepspeed", "stage": 2}
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_in_one_process_trains_the_plain_model_and_resumes_exactly(
+    tiny_dataset, tmp_path, stage
+):
+    settings = {
+        **DEEPSPEED_RUN,
+        "strategy": "deepspeed",
+        "stage": stage,
+        "gradient_checkpointing": stage == 3,
+    }
     script = tmp_path / "worker.py"
     script.write_text(DEEPSPEED_WORKER)
     completed = subprocess.run(
@@ -238,3 +246,18 @@ def test_deepspeed_zero2_in_one_process_trains_the_plain_model_and_resumes_exact
     assert continued.state.global_step == 8
     for name, tensor in continued.model.state_dict().items():
         assert torch.equal(tensor, straight[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEEPSPEED_MISSING, reason="deepspeed is not installed (pip install 'persrec[deepspeed]')")
+def test_deepspeed_on_two_processes_equals_ddp(tiny_dataset, tmp_path):
+    common = {**DEEPSPEED_RUN, "max_steps": 6}
+    weights = {}
+    for strategy, stage in (("ddp", 2), ("deepspeed", 2), ("deepspeed", 3)):
+        overrides = tiny_overrides(tiny_dataset, tmp_path / f"{strategy}{stage}", **common)
+        _finish(_torchrun(cli_flags({**overrides, "strategy": strategy, "stage": stage})))
+        weights[strategy, stage] = _weights(tmp_path / f"{strategy}{stage}" / "run")
+    reference = weights["ddp", 2]
+    for stage in (2, 3):
+        ours = weights["deepspeed", stage]
+        assert max((ours[k] - reference[k]).abs().max().item() for k in reference) <= 1e-6, stage
