@@ -6,7 +6,7 @@ runs forward, backward and the optimizer step. State leaves and enters in the si
 `model_state` / `optimizer_state` gather full state dicts (parameter names as in an unwrapped model; optimizer
 state keyed by parameter index, as `torch.optim.AdamW.state_dict()` writes it), so a checkpoint written by a
 sharded run loads into a plain run and the other way round, and the kill-safe checkpoint files stay the same.
-`evaluation_model` is a module every rank can run on its own users without collectives: ranks evaluate
+`evaluating()` lends a module every rank can run on its own users without collectives: ranks evaluate
 different numbers of batches, which a sharded model (one all-gather per block and call) cannot do.
 """
 
@@ -16,6 +16,7 @@ import contextlib
 import copy
 import socket
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -182,8 +183,10 @@ class TrainingStrategy:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
 
-    def evaluation_model(self) -> nn.Module:
-        return self.model
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[nn.Module]:
+        """The model to evaluate with, for the duration of the `with` block."""
+        yield self.model
 
 
 def join_world_of_one(ctx: DistributedContext) -> None:
@@ -203,8 +206,11 @@ class ShardedStrategy(TrainingStrategy):
     def prepare(self, model: nn.Module, loss: nn.Module) -> None:
         join_world_of_one(self.ctx)
         self.model, self.loss = model, loss
-        self._replica = copy.deepcopy(model)  # filled with the gathered weights before each evaluation
-        self._reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # A plain copy, filled with the gathered weights for each evaluation; between evaluations it waits in
+        # host memory, so a GPU holds only its shards while training.
+        self._replica = copy.deepcopy(model).to("cpu")
+        self._reference = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+        self._pending_loss_state: dict[str, Tensor] | None = None
         model.backbone.set_gradient_checkpointing(self.config.gradient_checkpointing)
         self.root = ModelAndLoss(model, loss)
 
@@ -219,15 +225,23 @@ class ShardedStrategy(TrainingStrategy):
         raise NotImplementedError
 
     def model_state(self) -> dict[str, Tensor]:
-        return split_state(self.full_state(FULL_ON_MAIN))[0]
+        model, self._pending_loss_state = split_state(self.full_state(FULL_ON_MAIN))
+        return model
 
     def loss_state(self) -> dict[str, Tensor]:
-        return split_state(self.full_state(FULL_ON_MAIN))[1]
+        """The loss's share of the state the last `model_state` gathered (one gather per checkpoint)."""
+        pending, self._pending_loss_state = self._pending_loss_state, None
+        return pending if pending is not None else split_state(self.full_state(FULL_ON_MAIN))[1]
 
-    def evaluation_model(self) -> nn.Module:
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[nn.Module]:
         model_state, _ = split_state(self.full_state(FULL_EVERYWHERE))
-        self._replica.load_state_dict(model_state)
-        return self._replica
+        self._replica.to(self.ctx.device).load_state_dict(model_state)
+        del model_state
+        try:
+            yield self._replica
+        finally:
+            self._replica.to("cpu")
 
 
 class FSDPStrategy(ShardedStrategy):

@@ -305,8 +305,8 @@ class Trainer:
         loader = eval_loader(
             self.store, split, self.window, self.config.eval_batch_size, self.ctx, self.config.filter_seen
         )
-        model = self.strategy.evaluation_model()
-        return evaluate_model(model, loader, self.eval_config, self.ctx.device, self.autocast)
+        with self.strategy.evaluating() as model:
+            return evaluate_model(model, loader, self.eval_config, self.ctx.device, self.autocast)
 
     def _improved(self, metrics: dict[str, float]) -> bool:
         key = self.config.valid_metric

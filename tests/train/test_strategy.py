@@ -140,6 +140,8 @@ def test_fsdp_in_one_process_trains_the_plain_model(tiny_dataset, tmp_path, worl
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+    summaries = [json.loads((t.run_dir / "results.json").read_text()) for t in (sharded, plain)]
+    assert summaries[0]["parameters"] == summaries[1]["parameters"]  # counted in full, not per shard
     assert sharded.state.history[-1]["valid/ndcg@10"] == pytest.approx(
         plain.state.history[-1]["valid/ndcg@10"], abs=1e-6
     )
