@@ -24,8 +24,29 @@ from persrec.train.strategy import FULL_ON_MAIN, ShardedStrategy, check_state, r
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def _full_shape(parameter: Tensor) -> tuple[int, ...]:
+    """A parameter's shape as the model declares it (ZeRO 3 keeps only a partition in `.shape`)."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
 class DeepSpeedStrategy(ShardedStrategy):
     name = "deepspeed"
+
+    def prepare(self, model: torch.nn.Module, loss: torch.nn.Module) -> None:
+        """As for FSDP, plus: DeepSpeed cannot broadcast a 0-d parameter (the loss's learnable temperature),
+        so such parameters train as 1-element tensors here and are saved and loaded 0-d, as everywhere else."""
+        super().prepare(model, loss)
+        self._scalars: set[str] = set()
+        for prefix, module in self.root.named_modules():
+            for name, parameter in list(module._parameters.items()):
+                if parameter is not None and parameter.dim() == 0:
+                    module._parameters[name] = torch.nn.Parameter(
+                        parameter.detach().reshape(1), requires_grad=parameter.requires_grad
+                    )
+                    self._scalars.add(f"{prefix}.{name}" if prefix else name)
+
+    def _saved(self, name: str, value: Tensor) -> Tensor:
+        return value.reshape(()) if name in self._scalars else value
 
     def attach(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         deepspeed = require_deepspeed()
@@ -55,8 +76,8 @@ class DeepSpeedStrategy(ShardedStrategy):
 
         state: dict[str, Tensor] = {}
         for name, parameter in self._parameters:
-            value = safe_get_full_fp32_param(parameter)
-            state[name] = value.detach().cpu().clone() if where == FULL_ON_MAIN else value.detach().clone()
+            value = self._saved(name, safe_get_full_fp32_param(parameter).detach())
+            state[name] = value.cpu().clone() if where == FULL_ON_MAIN else value.clone()
         for name, value in self.root.state_dict().items():  # persistent buffers
             if name not in state:
                 state[name] = value.detach().cpu().clone()
@@ -74,11 +95,12 @@ class DeepSpeedStrategy(ShardedStrategy):
 
         step = self._step_count()
         state: dict[int, dict[str, Tensor]] = {}
-        for index, (_, parameter) in enumerate(self._parameters):
+        for index, (name, parameter) in enumerate(self._parameters):
             moments = {key: safe_get_full_optimizer_state(parameter, key) for key in MOMENTS}
             if any(value is None for value in moments.values()):
                 continue  # no step taken yet
-            state[index] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
+            saved = {k: self._saved(name, v.detach()).cpu().clone() for k, v in moments.items()}
+            state[index] = {"step": step.clone(), **saved}
         (group,) = self.optimizer.param_groups
         hyper = {k: v for k, v in group.items() if k != "params"}
         return {"state": state, "param_groups": [{**hyper, "params": list(range(len(self._parameters)))}]}
@@ -92,9 +114,10 @@ class DeepSpeedStrategy(ShardedStrategy):
         parameters = [p for p, _ in chosen]
         with torch.no_grad(), deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
             for parameter, value in chosen:
-                parameter.data.copy_(value.to(parameter.dtype))
+                parameter.data.copy_(value.reshape(parameter.data.shape).to(parameter.dtype))
         for parameter, value in chosen:
-            safe_set_full_fp32_param(parameter, value.to(self.ctx.device, torch.float32))
+            full = value.reshape(_full_shape(parameter)).to(self.ctx.device, torch.float32)
+            safe_set_full_fp32_param(parameter, full)
 
     def _load(self, module: torch.nn.Module, prefix: str, state: dict[str, Tensor]) -> None:
         parameters = dict(module.named_parameters())
@@ -141,7 +164,8 @@ class DeepSpeedStrategy(ShardedStrategy):
             if entry is None:
                 continue
             for key in MOMENTS:
-                safe_set_full_optimizer_state(parameter, entry[key].to(self.ctx.device), key)
+                value = entry[key].reshape(_full_shape(parameter)).to(self.ctx.device)
+                safe_set_full_optimizer_state(parameter, value, key)
         steps = [entry["step"] for entry in saved.values()]
         inner = getattr(self.zero, "optimizer", self.zero)
         if steps:

@@ -98,6 +98,16 @@ def check_state(state: dict[str, Tensor], reference: dict[str, Tensor], what: st
         )
 
 
+def average_gradients(parameters: list[nn.Parameter]) -> None:
+    """Average the gradients of replicated parameters over the ranks (what DDP does for its module's)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= dist.get_world_size()
+
+
 def indexed_optimizer_state(by_name: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """An optimizer state keyed by parameter name -> keyed by index in `names` (the single-process format)."""
     index = {name: i for i, name in enumerate(names)}
@@ -155,6 +165,8 @@ class TrainingStrategy:
             output = self._forward(batch, generator)
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
+        if self.ddp is not None:  # the loss's parameters (a learned temperature) sit outside the DDP module
+            average_gradients(list(self.loss.parameters()))
         max_norm = self.config.optim_args.max_grad_norm
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -280,10 +292,7 @@ class FSDPStrategy(ShardedStrategy):
             output = self.root(batch, generator)
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
-        for parameter in self.replicated:
-            if parameter.grad is not None:
-                dist.all_reduce(parameter.grad)
-                parameter.grad /= dist.get_world_size()
+        average_gradients(self.replicated)
         max_norm = self.config.optim_args.max_grad_norm
         if max_norm > 0:  # the model's parameters, as under DDP; the norm is reduced over the shards
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)

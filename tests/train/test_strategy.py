@@ -5,6 +5,7 @@ training are in test_sharded_training.py."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -134,6 +135,18 @@ def _latest(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_fsdp_in_one_process_trains_the_plain_model(tiny_dataset, tmp_path, world_of_one):
     plain = _trained(tiny_dataset, tmp_path / "plain")
     sharded = _trained(tiny_dataset, tmp_path / "fsdp", strategy="fsdp", gradient_checkpointing=True)
+    # with a learned (0-d, so unsharded) temperature as well
+    plain_temperature = _trained(tiny_dataset, tmp_path / "plain-t", fix_temp=False)
+    sharded_temperature = _trained(tiny_dataset, tmp_path / "fsdp-t", strategy="fsdp", fix_temp=False)
+    for key, value in _latest(plain_temperature).items():
+        torch.testing.assert_close(_latest(sharded_temperature)[key], value, rtol=0, atol=1e-6, msg=key)
+    temperatures = [
+        plain_temperature.loss.state_dict()["log_inv_temperature"],
+        sharded_temperature.strategy.loss_state()["log_inv_temperature"],
+    ]
+    assert temperatures[0].shape == temperatures[1].shape == ()
+    assert not torch.equal(temperatures[0], torch.tensor(math.log(1 / 0.05)))  # it trained
+    torch.testing.assert_close(temperatures[1], temperatures[0], rtol=0, atol=1e-6)
     assert type(sharded.strategy).__name__ == "FSDPStrategy"
     assert any(type(p).__name__ == "DTensor" for p in sharded.model.parameters())
     ours, theirs = _latest(sharded), _latest(plain)
