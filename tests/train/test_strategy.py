@@ -193,3 +193,24 @@ def test_fsdp_resume_is_bit_for_bit(tiny_dataset, tmp_path, world_of_one):
     )
     for index in a["state"]:
         assert torch.equal(a["state"][index]["exp_avg_sq"], b["state"][index]["exp_avg_sq"])
+
+
+def test_fsdp_trains_hllm_with_a_trainable_item_llm_as_the_plain_run(tiny_dataset, tmp_path, world_of_one):
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from tests.hf.test_hllm import hllm_overrides
+    from tests.hf.tiny_models import tiny_llama_dir
+
+    item_model = tiny_llama_dir(tmp_path / "item-llama")
+    settings = hllm_overrides(
+        tiny_dataset, tmp_path, item_model, item_llm_trainable=True
+    )  # learned temperature
+    for key in ("dataset", "checkpoint_dir", "run_name", "epochs", "show_progress", "topk"):
+        settings.pop(key)
+    plain = _trained(tiny_dataset, tmp_path / "plain", max_steps=3, **settings)
+    sharded = _trained(
+        tiny_dataset, tmp_path / "fsdp", max_steps=3, strategy="fsdp", gradient_checkpointing=True, **settings
+    )
+    ours, theirs = _latest(sharded), _latest(plain)
+    assert any("item_encoder" in key for key in ours)  # the item LLM trained and was saved
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
