@@ -299,18 +299,7 @@ def suggest_key(key: str, known: list[str] | None = None) -> str | None:
     return leaves[close[0]] if close else None
 
 
-# Options of the original PerSRec/HLLM scripts for backbones persrec does not have yet: a user porting a script
-# should read that, not a suggestion of some similarly spelled key.
-NOT_SUPPORTED_YET: dict[str, str] = {}  # lower-cased name -> name; every such option is supported now
-
-
 def _unknown_key(key: str, where: str) -> ConfigError:
-    original = NOT_SUPPORTED_YET.get(key.lower())
-    if original is not None:
-        return ConfigError(
-            f"--{original} (in {where}) is an option of the text and Hugging Face backbones (HLLM, LLaMA-ID), "
-            "which are not supported yet; persrec trains the ID backbones SASRec and HSTU"
-        )
     close = suggest_key(key)
     if where == COMMAND_LINE:
         hint = f"; did you mean --{close}?" if close else "; persrec train --help lists the keys"
