@@ -152,21 +152,30 @@ class HFDecoderBackbone(SequenceBackbone):
     # ---- scale ---------------------------------------------------------------------------------------------
     def shardable_layers(self) -> list[nn.Module]:
         """The decoder's transformer blocks (the unit FSDP shards and gradient checkpointing recomputes)."""
-        layer_count = int(self.decoder.config.num_hidden_layers)
-        for module in self.decoder.modules():
-            if isinstance(module, nn.ModuleList) and len(module) == layer_count:
-                return list(module)
-        raise ValueError(f"no list of {layer_count} blocks found in {type(self.decoder).__name__}")
+        return transformer_blocks(self.decoder)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block's activations in the backward pass (transformers' own mechanism; its method
-        is `activation_checkpointing_*` from 5.x on, `gradient_checkpointing_*` before)."""
-        if hasattr(self.decoder, "activation_checkpointing_enable"):
-            if enabled:
-                self.decoder.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                self.decoder.activation_checkpointing_disable()
-        elif enabled:
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_hf_gradient_checkpointing(self.decoder, enabled)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a transformers model: its ModuleList of `config.num_hidden_layers` modules."""
+    layer_count = int(model.config.num_hidden_layers)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layer_count:
+            return list(module)
+    raise ValueError(f"no list of {layer_count} blocks found in {type(model).__name__}")
+
+
+def set_hf_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute each block's activations in the backward pass (transformers' own mechanism; its method is
+    `activation_checkpointing_*` from 5.x on, `gradient_checkpointing_*` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable({"use_reentrant": False})
         else:
-            self.decoder.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from persrec.models.base import BackboneConfig
-from persrec.models.hf_decoder import HFDecoderBackbone
+from persrec.models.hf_decoder import HFDecoderBackbone, set_hf_gradient_checkpointing, transformer_blocks
 
 if TYPE_CHECKING:
     from persrec.hf.item_encoder import ItemTextEncoder
@@ -77,6 +77,19 @@ class HLLMBackbone(HFDecoderBackbone):
         if self._evaluation_table is None:
             self._evaluation_table = self.item_encoder.embed_all().float()
         return self._evaluation_table
+
+    # ---- scale ---------------------------------------------------------------------------------------------
+    def shardable_layers(self) -> list[nn.Module]:
+        """The user decoder's blocks and, when it trains, the item LLM's (usually the larger of the two)."""
+        layers = super().shardable_layers()
+        if self.item_encoder is not None:
+            layers += transformer_blocks(self.item_encoder.llm)
+        return layers
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        super().set_gradient_checkpointing(enabled)
+        if self.item_encoder is not None:
+            set_hf_gradient_checkpointing(self.item_encoder.llm, enabled)
 
     def architecture_files(self) -> dict[str, str]:
         files = super().architecture_files()

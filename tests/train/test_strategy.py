@@ -210,6 +210,14 @@ def test_fsdp_trains_hllm_with_a_trainable_item_llm_as_the_plain_run(tiny_datase
     sharded = _trained(
         tiny_dataset, tmp_path / "fsdp", max_steps=3, strategy="fsdp", gradient_checkpointing=True, **settings
     )
+    item_llm = sharded.model.backbone.item_encoder.llm
+    blocks = sharded.model.backbone.shardable_layers()
+    user_blocks = sharded.model.backbone.decoder.config.num_hidden_layers
+    assert len(blocks) == user_blocks + 2  # the user decoder's blocks, then the item LLM's 2
+    assert all(any(block is layer for block in blocks) for layer in item_llm.layers)
+    assert all(type(p).__name__ == "DTensor" for p in item_llm.parameters())  # the item LLM is sharded too
+    flag = "is_activation_checkpointing" if hasattr(item_llm, "is_activation_checkpointing") else None
+    assert getattr(item_llm, flag or "is_gradient_checkpointing")
     ours, theirs = _latest(sharded), _latest(plain)
     assert any("item_encoder" in key for key in ours)  # the item LLM trained and was saved
     for key in theirs:
