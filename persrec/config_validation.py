@@ -226,13 +226,6 @@ def _check_environment(config: Config, training: bool) -> None:
             )
         if config.deepspeed_config:
             read_deepspeed_file(config.deepspeed_config)
-        if config.stage == 3 and not config.fix_temp:
-            # Measured with deepspeed 0.19.8: ZeRO-3 hands the loss's temperature a zero gradient (on the first
-            # step, or on every step once it is partitioned), so it would silently not learn as asked.
-            raise ConfigError(
-                "--fix_temp false: DeepSpeed ZeRO-3 does not train the learned temperature correctly; use "
-                "--stage 2, --strategy fsdp or --fix_temp true"
-            )
     elif config.deepspeed_config:
         raise ConfigError(
             f"--deepspeed_config is read by --strategy deepspeed; this run uses {config.strategy}"

@@ -348,14 +348,6 @@ CASES = [
         without_deepspeed,
     ),
     Case(
-        "learned temperature under ZeRO-3",
-        train("--strategy", "deepspeed", "--stage", "3", "--fix_temp", "false"),
-        "--fix_temp false: DeepSpeed ZeRO-3 does not train the learned temperature correctly",
-        lambda env: env.monkeypatch.setattr(
-            "persrec.train.deepspeed_config.deepspeed_available", lambda: True
-        ),
-    ),
-    Case(
         "deepspeed_config without deepspeed",
         train("--deepspeed_config", "{tmp}/ds.json"),
         "--deepspeed_config is read by --strategy deepspeed",

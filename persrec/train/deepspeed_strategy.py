@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from persrec.train.deepspeed_config import deepspeed_config, require_deepspeed
 from persrec.train.strategy import FULL_ON_MAIN, ShardedStrategy, check_state, resolve_precision
@@ -29,24 +29,58 @@ def _full_shape(parameter: Tensor) -> tuple[int, ...]:
     return tuple(getattr(parameter, "ds_shape", parameter.shape))
 
 
+class ScalarParameter(nn.Module):
+    """A 0-d parameter (the loss's learned temperature) as DeepSpeed can train it.
+
+    DeepSpeed cannot broadcast a 0-d tensor, so the value is a 1-element parameter of this module. Its owner gets a
+    fresh 0-d copy before each of its forwards: ZeRO-3 frees a parameter's data once its module's forward returns,
+    and an operation that saved the parameter itself for the backward pass (`clamp` does) would then read an
+    empty tensor and hand the parameter a zero gradient.
+    """
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = nn.Parameter(value.detach().reshape(1).clone(), requires_grad=value.requires_grad)
+
+    def forward(self) -> Tensor:
+        return self.value.clone().reshape(())
+
+
+def _hand_over(owner: nn.Module, name: str, holder: ScalarParameter) -> None:
+    def refresh(module: nn.Module, args: Any) -> None:
+        module.__dict__[name] = holder()
+
+    owner.register_forward_pre_hook(refresh)
+
+
 class DeepSpeedStrategy(ShardedStrategy):
     name = "deepspeed"
 
-    def prepare(self, model: torch.nn.Module, loss: torch.nn.Module) -> None:
-        """As for FSDP, plus: DeepSpeed cannot broadcast a 0-d parameter (the loss's learnable temperature),
-        so such parameters train as 1-element tensors here and are saved and loaded 0-d, as everywhere else."""
+    def prepare(self, model: nn.Module, loss: nn.Module) -> None:
+        """As for FSDP, plus: every 0-d parameter moves into a `ScalarParameter`; state is saved and loaded
+        under its own name and shape, as everywhere else."""
         super().prepare(model, loss)
-        self._scalars: set[str] = set()
-        for prefix, module in self.root.named_modules():
-            for name, parameter in list(module._parameters.items()):
-                if parameter is not None and parameter.dim() == 0:
-                    module._parameters[name] = torch.nn.Parameter(
-                        parameter.detach().reshape(1), requires_grad=parameter.requires_grad
-                    )
-                    self._scalars.add(f"{prefix}.{name}" if prefix else name)
+        self._plain: list[
+            tuple[str, nn.Parameter]
+        ] = []  # (name in a plain model, the parameter DeepSpeed trains)
+        self._plain_shapes: dict[str, tuple[int, ...]] = {}
+        for full_name, parameter in list(self.root.named_parameters()):
+            self._plain_shapes[full_name] = tuple(parameter.shape)
+            if parameter.dim() != 0:
+                self._plain.append((full_name, parameter))
+                continue
+            owner_name, _, name = full_name.rpartition(".")
+            owner = self.root.get_submodule(owner_name)
+            holder = ScalarParameter(parameter)
+            del owner._parameters[name]
+            owner.add_module(f"_zero_{name}", holder)
+            owner.__dict__[name] = parameter.detach().clone()  # read before the first forward, if at all
+            _hand_over(owner, name, holder)
+            self._plain.append((full_name, holder.value))
+        self._by_plain = dict(self._plain)
 
     def _saved(self, name: str, value: Tensor) -> Tensor:
-        return value.reshape(()) if name in self._scalars else value
+        return value.reshape(self._plain_shapes[name])
 
     def attach(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         deepspeed = require_deepspeed()
@@ -59,7 +93,6 @@ class DeepSpeedStrategy(ShardedStrategy):
                 model=self.root, optimizer=optimizer, config=settings, dist_init_required=False
             )
         self.optimizer, self.scheduler = optimizer, scheduler
-        self._parameters = list(self.root.named_parameters())
 
     def train_step(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         with self.autocast or contextlib.nullcontext():
@@ -75,11 +108,12 @@ class DeepSpeedStrategy(ShardedStrategy):
         from deepspeed.utils import safe_get_full_fp32_param
 
         state: dict[str, Tensor] = {}
-        for name, parameter in self._parameters:
+        for name, parameter in self._plain:
             value = self._saved(name, safe_get_full_fp32_param(parameter).detach())
             state[name] = value.cpu().clone() if where == FULL_ON_MAIN else value.clone()
+        trained = {name for name, _ in self.root.named_parameters()}
         for name, value in self.root.state_dict().items():  # persistent buffers
-            if name not in state:
+            if name not in trained:
                 state[name] = value.detach().cpu().clone()
         return state
 
@@ -95,7 +129,7 @@ class DeepSpeedStrategy(ShardedStrategy):
 
         step = self._step_count()
         state: dict[int, dict[str, Tensor]] = {}
-        for index, (name, parameter) in enumerate(self._parameters):
+        for index, (name, parameter) in enumerate(self._plain):
             moments = {key: safe_get_full_optimizer_state(parameter, key) for key in MOMENTS}
             if any(value is None for value in moments.values()):
                 continue  # no step taken yet
@@ -103,14 +137,14 @@ class DeepSpeedStrategy(ShardedStrategy):
             state[index] = {"step": step.clone(), **saved}
         (group,) = self.optimizer.param_groups
         hyper = {k: v for k, v in group.items() if k != "params"}
-        return {"state": state, "param_groups": [{**hyper, "params": list(range(len(self._parameters)))}]}
+        return {"state": state, "param_groups": [{**hyper, "params": list(range(len(self._plain)))}]}
 
     def _set_parameters(self, values: dict[str, Tensor]) -> None:
         """Both the fp32 master copy and the (possibly bf16, possibly partitioned) module parameter."""
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        chosen = [(p, values[name]) for name, p in self._parameters if name in values]
+        chosen = [(p, values[name]) for name, p in self._plain if name in values]
         parameters = [p for p, _ in chosen]
         with torch.no_grad(), deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
             for parameter, value in chosen:
@@ -119,13 +153,12 @@ class DeepSpeedStrategy(ShardedStrategy):
             full = value.reshape(_full_shape(parameter)).to(self.ctx.device, torch.float32)
             safe_set_full_fp32_param(parameter, full)
 
-    def _load(self, module: torch.nn.Module, prefix: str, state: dict[str, Tensor]) -> None:
-        parameters = dict(module.named_parameters())
+    def _load(self, module: nn.Module, prefix: str, state: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for name, value in state.items():
-                if name not in parameters:
+                if prefix + name not in self._by_plain:
                     module.get_buffer(name).copy_(value)
-        self._set_parameters({prefix + k: v for k, v in state.items() if k in parameters})
+        self._set_parameters({prefix + k: v for k, v in state.items() if prefix + k in self._by_plain})
 
     def load_model_state(self, state: dict[str, Tensor], what: str) -> None:
         check_state(state, self._reference, what)
@@ -159,7 +192,7 @@ class DeepSpeedStrategy(ShardedStrategy):
 
         self._materialise_moments()
         saved = state["state"]
-        for index, (_, parameter) in enumerate(self._parameters):
+        for index, (_, parameter) in enumerate(self._plain):
             entry = saved.get(index) if index in saved else saved.get(str(index))
             if entry is None:
                 continue

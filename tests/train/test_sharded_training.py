@@ -198,11 +198,10 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_loads_in_one_process(tiny_
 # ---- DeepSpeed ZeRO-2 and 3, one process ----------------------------------------------------------------------
 DEEPSPEED_MISSING = importlib.util.find_spec("deepspeed") is None
 DEEPSPEED_RUN = dict(max_steps=8, hidden_dropout_prob=0.3, n_layers=2, popularity_baseline="false")
-# ZeRO 2 also with a learned temperature (a 0-d parameter, which DeepSpeed trains as a 1-element one) and without
+# ZeRO 3 with a learned temperature (a 0-d parameter: see deepspeed_strategy.ScalarParameter) and without
 # clipping: DeepSpeed's clipping takes the norm over every trained parameter, DDP and FSDP over the model's only.
-# (Under ZeRO 3, DeepSpeed 0.19.8 leaves a learned temperature unchanged by the first step; see the README.)
 TEMPERATURE = {"fix_temp": False, "optim_args.max_grad_norm": 0.0}
-STAGE_EXTRA = {2: TEMPERATURE, 3: {}}
+STAGE_EXTRA = {2: {}, 3: TEMPERATURE}
 
 DEEPSPEED_WORKER = textwrap.dedent(
     """

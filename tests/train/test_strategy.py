@@ -222,3 +222,37 @@ def test_fsdp_trains_hllm_with_a_trainable_item_llm_as_the_plain_run(tiny_datase
     assert any("item_encoder" in key for key in ours)  # the item LLM trained and was saved
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_0d_parameter_reaches_deepspeed_as_a_1_element_one_with_the_same_gradient(
+    tiny_dataset, tmp_path, world_of_one
+):
+    from persrec.train.deepspeed_strategy import DeepSpeedStrategy
+
+    trainer = Trainer(
+        load_config(
+            overrides=tiny_overrides(tiny_dataset, tmp_path, fix_temp=False, hidden_dropout_prob=0.0)
+        ),
+        DistributedContext(),
+    )
+    batch = next(iter(trainer.loader))
+    plain = trainer.loss.log_inv_temperature
+    queries, targets = trainer.model(batch)  # the plain gradient of one step
+    length = batch["input_ids"].shape[1]
+    generator = torch.Generator().manual_seed(3)
+    trainer.loss(
+        queries, targets, trainer.model.embed_items, generator=generator, sequence_length=length
+    ).loss.backward()
+    expected = plain.grad.clone()
+
+    strategy = DeepSpeedStrategy(trainer.config, DistributedContext())
+    strategy.prepare(trainer.model, trainer.loss)  # no deepspeed needed before `attach`
+    names = [name for name, _ in strategy.root.named_parameters()]
+    assert "loss.log_inv_temperature" not in names and "loss._zero_log_inv_temperature.value" in names
+    held = strategy._by_plain["loss.log_inv_temperature"]
+    assert held.shape == (1,) and torch.equal(held.detach().reshape(()), plain.detach())
+    trainer.model.zero_grad(set_to_none=True)
+    strategy.root(batch, torch.Generator().manual_seed(3)).loss.backward()
+    assert trainer.loss.log_inv_temperature.shape == ()  # what the loss reads stays 0-d
+    torch.testing.assert_close(held.grad.reshape(()), expected, rtol=0, atol=1e-6)
+    assert strategy._saved("loss.log_inv_temperature", held.detach()).shape == ()
