@@ -226,6 +226,15 @@ def _check_environment(config: Config, training: bool) -> None:
             )
         if config.deepspeed_config:
             read_deepspeed_file(config.deepspeed_config)
+        from persrec.models import canonical_model_name
+
+        if config.stage == 3 and config.item_llm_trainable and canonical_model_name(config.model) == "HLLM":
+            # Measured with deepspeed 0.19.8: the item LLM, run from the item encoder's methods rather than
+            # from a module's forward, trains to different weights (4e-3 off the plain run after 3 steps).
+            raise ConfigError(
+                "--item_llm_trainable true: DeepSpeed ZeRO-3 does not train HLLM's item LLM correctly; use "
+                "--stage 2 or --strategy fsdp"
+            )
     elif config.deepspeed_config:
         raise ConfigError(
             f"--deepspeed_config is read by --strategy deepspeed; this run uses {config.strategy}"

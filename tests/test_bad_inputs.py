@@ -348,6 +348,16 @@ CASES = [
         without_deepspeed,
     ),
     Case(
+        "trainable HLLM under ZeRO-3",
+        train("--model", "HLLM", "--item_pretrain_dir", "{tmp}/m", "--item_llm_trainable", "true")
+        + ["--strategy", "deepspeed", "--stage", "3"],
+        "--item_llm_trainable true: DeepSpeed ZeRO-3 does not train HLLM's item LLM correctly",
+        lambda env: [
+            write("m/config.json", '{"model_type": "llama"}')(env),
+            env.monkeypatch.setattr("persrec.train.deepspeed_config.deepspeed_available", lambda: True),
+        ],
+    ),
+    Case(
         "deepspeed_config without deepspeed",
         train("--deepspeed_config", "{tmp}/ds.json"),
         "--deepspeed_config is read by --strategy deepspeed",
