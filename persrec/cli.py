@@ -1,4 +1,5 @@
-"""`persrec` command line: prepare | convert | stats | train | evaluate | quickstart | models.
+"""`persrec` command line: prepare | convert | stats | train | evaluate | quickstart | models | recommend |
+export | serve.
 
 Training flags follow the original PerSRec/HLLM scripts: `persrec train --config_file a.yaml b.yaml --loss nce
 --epochs 5 --dataset ml-1m --optim_args.learning_rate 1e-3`. Any config key is a flag (`--key value`, dotted for
@@ -375,6 +376,17 @@ def cmd_stats(argv: list[str]) -> int:
     return 0
 
 
+def _serving(name: str) -> Callable[[list[str]], int]:
+    """A serving command (persrec/serve/commands.py), imported when run."""
+
+    def run(argv: list[str]) -> int:
+        from persrec.serve import commands
+
+        return getattr(commands, f"cmd_{name}")(argv)
+
+    return run
+
+
 COMMANDS = {
     "quickstart": cmd_quickstart,
     "train": cmd_train,
@@ -383,6 +395,9 @@ COMMANDS = {
     "convert": cmd_convert,
     "models": cmd_models,
     "stats": cmd_stats,
+    "recommend": _serving("recommend"),
+    "export": _serving("export"),
+    "serve": _serving("serve"),
 }
 
 
@@ -395,6 +410,9 @@ COMMAND_SUMMARIES = {
     "convert": "convert a CSV/TSV/.dat file to parquet",
     "models": "list local pretrained models (Hugging Face) or convert one to a plain directory",
     "stats": "print a prepared dataset's users, items, history lengths, time span and text coverage",
+    "recommend": "recommend items for a history (JSON) or for every user of a parquet file",
+    "export": "write item (and user) embeddings as parquet, optionally a FAISS index",
+    "serve": "serve recommendations over HTTP with per-user expert caches (extra: serve)",
 }
 
 

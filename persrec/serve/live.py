@@ -95,7 +95,7 @@ class LiveRecommender:
             or isinstance(request.k, bool)
             or not 1 <= request.k <= rec.num_items
         ):
-            raise RequestError("k", f"k must be an integer in [1, {rec.num_items}], got {request.k!r}")
+            raise RequestError("k", f"expected an integer in [1, {rec.num_items}], got {request.k!r}")
         extra = list(request.history or [])
         self.check_items("history", extra, request.timestamps)
         stored_items: list[Any] = []

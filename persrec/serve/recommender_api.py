@@ -67,7 +67,9 @@ class Recommender:
         self.device = device
         self.item_ids = files.item_ids
         self._dense = {item: index + 1 for index, item in enumerate(files.item_ids)}
-        self._users = {user: index for index, user in enumerate(files.user_ids or [])}
+        self._users = {str(user): index for index, user in enumerate(files.user_ids or [])}
+        # JSON and the command line give ids as text or numbers; the map decides which an id is.
+        self._numeric_ids = bool(files.item_ids) and isinstance(files.item_ids[0], int)
         self.is_expert = isinstance(model, ExpertRecommender)
         self.window = files.config.MAX_ITEM_LIST_LENGTH
         self.uses_time = bool(files.config.relative_time_bias)
@@ -89,12 +91,20 @@ class Recommender:
     def num_items(self) -> int:
         return len(self.item_ids)
 
+    def normalize_id(self, item: Any) -> Any:
+        """An item id in the map's type: "12" -> 12 for a map of integer ids, 12 -> "12" for text ids."""
+        if self._numeric_ids:
+            if isinstance(item, str) and item.strip().lstrip("-").isdigit():
+                return int(item)
+            return item
+        return item if isinstance(item, str) else str(item)
+
     def knows_item(self, item: Any) -> bool:
-        return item in self._dense
+        return self.normalize_id(item) in self._dense
 
     def user_index(self, user: Any) -> int:
         """The training user index for per-user expert tokens; -1 (the shared tokens) when unknown."""
-        return self._users.get(user, -1)
+        return -1 if user is None else self._users.get(str(user), -1)
 
     # ---- ids -----------------------------------------------------------------------------------------------
     def encode(self, history: Sequence[Any], timestamps: Sequence[int] | None = None) -> EncodedHistory:
@@ -102,7 +112,7 @@ class Recommender:
             raise ValueError(f"timestamps has {len(timestamps)} values for {len(history)} history items")
         if self.uses_time and timestamps is None:
             raise ValueError("this model uses interaction times (relative_time_bias); pass timestamps")
-        dense = [self._dense.get(item, 0) for item in history]
+        dense = [self._dense.get(self.normalize_id(item), 0) for item in history]
         unknown = [item for item, index in zip(history, dense, strict=True) if index == 0]
         items = np.asarray(dense, dtype=np.int64)
         keep = items > 0

@@ -14,7 +14,6 @@ Backends: `SQLiteStore` (the embedded default, `sqlite:///path/to/file.db` or a 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +47,9 @@ class StoredCache:
 
 
 def user_key(user: Any) -> str:
-    """The stored key of a user id: JSON, so that the user 5 and the user "5" stay apart."""
-    return json.dumps(user)
+    """The stored key of a user id: its text, so that `GET /users/5/history` finds the user 5 that JSON
+    events created (the user 5 and the user "5" are one user)."""
+    return str(user)
 
 
 def encode_cache(cache: KVCache, dtype: str = "float32") -> bytes:
