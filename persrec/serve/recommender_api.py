@@ -76,9 +76,11 @@ class Recommender:
         self.policy: RefreshPolicy | None = None
         if self.is_expert:
             layout = model.model.layout
-            self.policy = RefreshPolicy(
-                layout.history_length, layout.window - layout.history_length, refresh_every
-            )
+            recent = layout.window - layout.history_length
+            try:
+                self.policy = RefreshPolicy(layout.history_length, recent, refresh_every)
+            except ValueError as error:
+                raise ConfigError(str(error)) from error
         with torch.no_grad():
             self._items = F.normalize(model.item_embeddings().detach().float(), dim=-1).to(device)
 
