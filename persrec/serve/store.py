@@ -14,6 +14,7 @@ Backends: `SQLiteStore` (the embedded default, `sqlite:///path/to/file.db` or a 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from torch import Tensor
 
 from persrec.config import ConfigError
 from persrec.models.base import KVCache
@@ -53,28 +55,47 @@ def user_key(user: Any) -> str:
 
 
 def encode_cache(cache: KVCache, dtype: str = "float32") -> bytes:
-    """safetensors bytes of a cache; keys and values cast to `dtype` (float32, float16 or bfloat16)."""
+    """safetensors bytes of a cache; keys and values cast to `dtype` (float32, float16 or bfloat16).
+
+    Layers of one shape are stacked into one tensor each for keys and values: a few tensors instead of two
+    per layer keep encoding and decoding cheap (they run on every cache miss and hit).
+    """
     cast = CACHE_DTYPES[dtype]
     tensors = {"positions": cache.positions.to(torch.int32), "valid": cache.valid.to(torch.uint8)}
     if cache.timestamps is not None:
         tensors["timestamps"] = cache.timestamps.to(torch.int64)
-    for index, (key, value) in enumerate(zip(cache.keys, cache.values, strict=True)):
-        tensors[f"k{index}"] = key.to(cast)
-        tensors[f"v{index}"] = value.to(cast)
+    for kind, layers in (("keys", cache.keys), ("values", cache.values)):
+        if len({tuple(t.shape) for t in layers}) == 1:
+            tensors[kind] = torch.stack(layers).to(cast)
+        else:  # layers of different widths: one tensor each
+            tensors |= {f"{kind}.{i}": t.to(cast) for i, t in enumerate(layers)}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     return save_tensors(tensors, metadata={"layers": str(len(cache.keys)), "dtype": dtype})
 
 
 def decode_cache(data: bytes, device: torch.device | str = "cpu") -> KVCache:
     tensors = load_tensors(data)
-    layers = sum(1 for name in tensors if name.startswith("k"))
+    layers = int(safe_metadata(data)["layers"])
+
+    def unpack(kind: str) -> list[Tensor]:
+        if kind in tensors:
+            return list(tensors[kind].to(device, torch.float32).unbind(0))
+        return [tensors[f"{kind}.{i}"].to(device, torch.float32) for i in range(layers)]
+
+    keys, values = unpack("keys"), unpack("values")
     return KVCache(
-        keys=[tensors[f"k{i}"].to(device, torch.float32) for i in range(layers)],
-        values=[tensors[f"v{i}"].to(device, torch.float32) for i in range(layers)],
+        keys=keys,
+        values=values,
         positions=tensors["positions"].to(device, torch.int64),
         timestamps=tensors["timestamps"].to(device) if "timestamps" in tensors else None,
         valid=tensors["valid"].to(device, torch.bool),
     )
+
+
+def safe_metadata(data: bytes) -> dict[str, str]:
+    """The metadata of safetensors bytes (an 8-byte little-endian header length, then a JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
 
 
 def history_from_lists(items: list[Any], times: list[int | None]) -> UserHistory:

@@ -132,3 +132,9 @@ def test_redis_unreachable_is_a_config_error():
 
     with pytest.raises(ConfigError, match="cannot reach Redis"):
         open_store(f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_layers_of_different_widths_round_trip():
+    cache = _cache()
+    cache.values = [torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 6)]  # e.g. HSTU v_dim differing per layer
+    _assert_same(decode_cache(encode_cache(cache)), cache)
