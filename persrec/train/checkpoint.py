@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from persrec.atomic import atomic_path, atomic_write_json, atomic_write_text
 from persrec.config import Config, ConfigError, load_config, save_config
-from persrec.data.store import ITEM_IDS_FILE
+from persrec.data.store import ITEM_IDS_FILE, USER_IDS_FILE
 
 LATEST = "latest"
 
@@ -293,14 +293,20 @@ def save_model_files(
     and the backbone's architecture files (a Hugging Face decoder's config) when `model` has any.
 
     The id map turns the model's dense item indices back into the dataset's original item ids; it is copied
-    only when missing or different, since a large catalogue's map is not small.
+    only when missing or different, since a large catalogue's map is not small. A model with per-user expert
+    tokens also gets the user id map (serving finds a user's tokens by the original user id).
     """
     directory.mkdir(parents=True, exist_ok=True)
     id_map = directory / ITEM_IDS_FILE
     recorded = load_dataset_fingerprint(directory) if id_map.is_file() else None
-    if recorded is None or recorded.get("item_id_map_sha256") != fingerprint["item_id_map_sha256"]:
+    changed = recorded is None or recorded.get("item_id_map_sha256") != fingerprint["item_id_map_sha256"]
+    if changed:
         with atomic_path(id_map) as tmp:
             shutil.copyfile(dataset_dir / ITEM_IDS_FILE, tmp)
+    user_map = directory / USER_IDS_FILE
+    if config.per_user_expert_tokens and (changed or not user_map.is_file() or recorded != fingerprint):
+        with atomic_path(user_map) as tmp:
+            shutil.copyfile(dataset_dir / USER_IDS_FILE, tmp)
     save_config(config, directory / "config.yaml")
     atomic_write_json(directory / "dataset.json", fingerprint)
     if model is not None:

@@ -18,8 +18,18 @@ ROOT = Path(__file__).parents[2]
 @pytest.mark.slow
 def test_serving_http_quick_run(tmp_path):
     out = tmp_path / "rows.json"
-    command = [sys.executable, "benchmarks/serving_http.py", "--quick", "--requests", "16", "--json", str(out)]
-    printed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+    command = [
+        sys.executable,
+        "benchmarks/serving_http.py",
+        "--quick",
+        "--requests",
+        "16",
+        "--json",
+        str(out),
+    ]
+    printed = subprocess.run(
+        command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300
+    ).stdout
     rows = json.loads(out.read_text())
     phases = {(row["model"], row["phase"]) for row in rows}
     for model in ("expert", "full"):
@@ -32,6 +42,8 @@ def test_serving_http_quick_run(tmp_path):
 @pytest.mark.slow
 def test_serving_store_quick_run():
     command = [sys.executable, "benchmarks/serving_store.py", "--quick"]
-    printed = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+    printed = subprocess.run(
+        command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300
+    ).stdout
     assert "| SQLite (WAL) | float16 |" in printed and "| one file per user | float32 |" in printed
     assert "| bfloat16 |" in printed

@@ -84,6 +84,4 @@ def write_model_dir(root: Path, shape: str = "PersonalizedHSTU", seed: int = 0, 
     best = root / "best"
     save_model_files(best, config, fingerprint, dataset)
     save_weights(model, best / "model.safetensors")
-    if config.per_user_expert_tokens:
-        (best / "user_ids.parquet").write_bytes((dataset / "user_ids.parquet").read_bytes())
     return best
