@@ -225,8 +225,7 @@ def in_process(model_dir: Path, store: Path, users: dict[str, list[int]], repeat
         hit.append(time.perf_counter() - start)
         hit_cpu.append(time.process_time() - cpu)
         assert len(result.recommendation.items) == 10 and result.cache in ("hit", "none")
-    live.store.close()
-    return {
+    return live, {
         "hit_p50_ms": statistics.median(hit) * 1e3,
         "hit_p99_ms": float(np.percentile(np.asarray(hit) * 1e3, 99)),
         "hit_cpu_p50_ms": statistics.median(hit_cpu) * 1e3,
@@ -234,10 +233,35 @@ def in_process(model_dir: Path, store: Path, users: dict[str, list[int]], repeat
     }
 
 
+def http_overhead(live, server: Server, names: list[str], repeats: int) -> dict:
+    """The same cache-hit request in-process and over HTTP, alternated so that both see the same load."""
+    from persrec.serve.live import RecommendRequest
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    local, remote = [], []
+    for index in range(repeats):
+        name = names[index % len(names)]
+        start = time.perf_counter()
+        live.recommend(RecommendRequest(user_id=name, k=10))
+        local.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        status, _ = server.call("POST", "/recommend", {"user_id": name, "k": 10}, conn)
+        remote.append(time.perf_counter() - start)
+        assert status == 200
+    conn.close()
+    return {
+        "paired_inproc_p50_ms": statistics.median(local) * 1e3,
+        "paired_http_p50_ms": statistics.median(remote) * 1e3,
+        "http_overhead_p50_ms": (statistics.median(remote) - statistics.median(local)) * 1e3,
+    }
+
+
 def run_model(label: str, model_dir: Path, shape: Shape, work: Path, args: argparse.Namespace) -> list[dict]:
     users = histories(shape)
     rows = []
-    inproc = in_process(model_dir, work / f"{label}-inproc.db", users, args.inproc_repeats, args.threads)
+    live, inproc = in_process(
+        model_dir, work / f"{label}-inproc.db", users, args.inproc_repeats, args.threads
+    )
     server = Server(model_dir, work / f"{label}-server.db", args.threads)
     try:
         for name, items in users.items():
@@ -258,14 +282,17 @@ def run_model(label: str, model_dir: Path, shape: Shape, work: Path, args: argpa
             server.call("GET", "/health")
             health.append(time.perf_counter() - start)
         rows[-1]["rss_start_mib"] = rss_start
+        paired = http_overhead(live, server, names, args.overhead_repeats if label == "expert" else 20)
     finally:
         server.stop()
+        live.store.close()
     for row in rows:
         row["inproc_hit_p50_ms"] = inproc["hit_p50_ms"]
         row["inproc_hit_p99_ms"] = inproc["hit_p99_ms"]
         row["inproc_miss_p50_ms"] = inproc["miss_p50_ms"]
         row["inproc_hit_cpu_p50_ms"] = inproc["hit_cpu_p50_ms"]
         row["health_p50_ms"] = statistics.median(health) * 1e3
+        row |= paired
     return rows
 
 
@@ -291,12 +318,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small model and few requests (smoke test)")
     parser.add_argument("--requests", type=int, default=2000, help="requests per client count (expert model)")
     parser.add_argument("--inproc_repeats", type=int, default=300)
+    parser.add_argument("--overhead_repeats", type=int, default=300, help="alternated in-process/HTTP calls")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     shape = QUICK if args.quick else Shape()
     if args.quick:
         args.requests, args.inproc_repeats = min(args.requests, 64), min(args.inproc_repeats, 20)
+        args.overhead_repeats = min(args.overhead_repeats, 20)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         expert_dir = write_model(work / "expert", shape, True)
@@ -313,12 +342,12 @@ def main() -> None:
     print(markdown(rows, baseline))
     for label in ("expert", "full"):
         row = next(r for r in rows if r["model"] == label and r["phase"] == "1 client(s)")
-        overhead = row["p50_ms"] - row["inproc_hit_p50_ms"]
         print(
             f"{label}: in-process batch-1 call p50 {row['inproc_hit_p50_ms']:.2f} ms (p99 {row['inproc_hit_p99_ms']:.2f}, "
             f"CPU {row['inproc_hit_cpu_p50_ms']:.2f} ms), "
-            f"first call of a user {row['inproc_miss_p50_ms']:.2f} ms; HTTP p50 at 1 client {row['p50_ms']:.2f} ms "
-            f"-> HTTP overhead {overhead:.2f} ms; GET /health p50 {row['health_p50_ms']:.2f} ms"
+            f"first call of a user {row['inproc_miss_p50_ms']:.2f} ms; alternated with HTTP: in-process "
+            f"{row['paired_inproc_p50_ms']:.2f} ms, HTTP {row['paired_http_p50_ms']:.2f} ms p50 -> HTTP overhead "
+            f"{row['http_overhead_p50_ms']:.2f} ms; GET /health p50 {row['health_p50_ms']:.2f} ms"
         )
     last = next(r for r in rows if r["model"] == "expert" and r["phase"] == "32 client(s)")
     print(

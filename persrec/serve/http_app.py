@@ -12,11 +12,11 @@ when the server was started with an API key.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -52,19 +52,32 @@ class EventsBody(BaseModel):
     timestamps: list[int] | None = None
 
 
+def _deliver(future: asyncio.Future, result: Any) -> None:
+    if not future.done():  # the client may have gone away and the request been cancelled
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
 class MicroBatcher:
-    """One thread runs the model; requests that arrive while it is busy are scored together next."""
+    """One thread runs the model; requests that arrive while it is busy are scored together next.
+
+    The event loop hands a request straight to this thread and awaits its answer (no thread-pool hop).
+    """
 
     def __init__(self, live: LiveRecommender, metrics: ServerMetrics, max_batch: int = 32) -> None:
         self.live, self.metrics, self.max_batch = live, metrics, max_batch
-        self._queue: queue.Queue[tuple[RecommendRequest, Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[RecommendRequest, asyncio.AbstractEventLoop, asyncio.Future] | None]
+        self._queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="persrec-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, request: RecommendRequest) -> LiveResult:
-        future: Future = Future()
-        self._queue.put((request, future))
-        return future.result()
+    async def submit(self, request: RecommendRequest) -> LiveResult:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((request, loop, future))
+        return await future
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
@@ -80,16 +93,11 @@ class MicroBatcher:
                 batch.append(item)
             self.metrics.batch(len(batch))
             try:
-                results = self.live.recommend_many([request for request, _ in batch])
+                results = self.live.recommend_many([request for request, _, _ in batch])
             except Exception as error:  # noqa: BLE001 (handed to every waiting request)
-                for _, future in batch:
-                    future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                results = [error] * len(batch)
+            for (_, loop, future), result in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_deliver, future, result)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -105,15 +113,31 @@ def _field_of(location: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes is a 413 before the app reads it."""
+class Guard:
+    """ASGI middleware: a body over `limit` bytes is a 413 before the app reads it; every request is counted
+    and timed by its route (plain ASGI: cheaper than an `@app.middleware` per request)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, metrics: ServerMetrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._limited(scope, receive, send_counted)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request(scope["method"], path, status[0], time.perf_counter() - start)
+
+    async def _limited(self, scope: dict, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
@@ -154,16 +178,7 @@ def create_app(
     app = FastAPI(title="persrec", version="1", lifespan=lifespan)
     app.state.metrics = metrics
     app.state.live = live
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.request(request.method, path, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(Guard, limit=max_body_bytes, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -190,9 +205,9 @@ def create_app(
             )
 
     @app.post("/recommend")
-    def recommend(body: RecommendBody) -> dict:
+    async def recommend(body: RecommendBody) -> dict:
         request = RecommendRequest(body.user_id, body.history, body.timestamps, body.k, body.exclude_seen)
-        result = state["batcher"].submit(request)
+        result = await state["batcher"].submit(request)
         metrics.served(result.cache, result.recommendation.staleness)
         rec = result.recommendation
         return {

@@ -156,7 +156,11 @@ class LiveRecommender:
                 for position, row in enumerate(missing):
                     caches[row] = batch_row(built, position)
                     index, _, stored_length = work[row]
-                    if requests[index].user_id is not None and plans[row].cut <= stored_length:
+                    if (
+                        requests[index].user_id is not None
+                        and stored_length > 0
+                        and plans[row].cut <= stored_length
+                    ):
                         self.store.put_cache(
                             requests[index].user_id, rec.fingerprint, plans[row].cut, caches[row]
                         )
