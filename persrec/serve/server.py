@@ -42,6 +42,19 @@ def _api_key(path: str | None) -> str | None:
     return key
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """A port in use or a host this machine does not have is a one-line mistake, not uvicorn's traceback."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--host {host} --port {port}: cannot listen there ({error.strerror or error})"
+        ) from error
+
+
 def build_app(options: ServeOptions) -> Any:
     from persrec.serve.http_app import create_app
     from persrec.serve.live import LiveRecommender
@@ -102,6 +115,7 @@ def serve_main(argv: list[str]) -> int:
         value = getattr(args, name)
         if not (0 <= value <= 65535 if name == "port" else value >= 1):
             raise ConfigError(f"--{name}: out of range ({value})")
+    _check_bindable(args.host, args.port)
     options = ServeOptions(
         str(args.run_dir),
         args.store,

@@ -142,6 +142,7 @@ MISTAKES = [
     (["serve", "{model}", "--api_key_file", "{tmp}/no-key"], "--api_key_file"),
     (["serve", "{model}", "--store", "{tmp}"], "--store"),
     (["export", "{model}"], "--output"),
+    (["serve", "{model}", "--host", "203.0.113.9"], "cannot listen there"),
 ]
 
 
