@@ -88,7 +88,7 @@ def write_model(root: Path, shape: Shape, expert: bool) -> Path:
     fingerprint = {"path": str(data), "num_users": 0, "num_items": shape.items, "num_interactions": 0}
     fingerprint |= {"manifest_sha256": "", "item_id_map_sha256": ""}
     best = root / "best"
-    save_model_files(best, config, fingerprint, data)
+    save_model_files(best, config, fingerprint, data, model)
     save_weights(model, best / "model.safetensors")
     return best
 

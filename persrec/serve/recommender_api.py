@@ -296,7 +296,7 @@ def load_recommender(
         torch.set_num_threads(threads)
     files = ModelFiles.open(Path(path))
     num_users = int(files.dataset.get("num_users") or 0)
-    model = build_model(files.config, len(files.item_ids), num_users)
+    model = build_model(files.config, len(files.item_ids), num_users, model_dir=files.directory)
     load_weights(model, files.directory / WEIGHTS_FILE)
     model.to(torch.device(device))
     return Recommender(files, model, torch.device(device), refresh_every)

@@ -37,6 +37,15 @@ SHAPES = {
         "recent_item_num": 6,
         "per_user_expert_tokens": True,
     },
+    # A Hugging Face decoder (a tiny Llama) over item ids, with and without experts.
+    "LLaMAID": {"model": "LLaMAID"},
+    "PersonalizedLLaMAID": {
+        "model": "PersonalizedLLaMAID",
+        "number_of_user_tokens": 2,
+        "insert_method": "[[4, 1], [8, 1]]",
+        "pretrain_item_num": 8,
+        "recent_item_num": 6,
+    },
 }
 
 
@@ -82,6 +91,6 @@ def write_model_dir(root: Path, shape: str = "PersonalizedHSTU", seed: int = 0, 
             if "per_user" in name or "bias" in name:
                 parameter.normal_(std=0.3)
     best = root / "best"
-    save_model_files(best, config, fingerprint, dataset)
+    save_model_files(best, config, fingerprint, dataset, model)
     save_weights(model, best / "model.safetensors")
     return best
