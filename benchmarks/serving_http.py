@@ -182,6 +182,15 @@ def load(server: Server, bodies: list[dict], clients: int, expect_items: int) ->
         conn.close()
 
     rss_before = server.rss
+    samples: list[tuple[int, float]] = []  # (requests done, RSS MiB), every 0.25 s: is memory flat?
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            samples.append((len(latencies), server.rss))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     wall = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
@@ -189,6 +198,11 @@ def load(server: Server, bodies: list[dict], clients: int, expect_items: int) ->
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - wall
+    done.set()
+    sampler.join()
+    half = len(bodies) // 2
+    first_half = [rss for count, rss in samples if count < half] or [rss_before]
+    second_half = [rss for count, rss in samples if count >= half] or [server.rss]
     ms = np.asarray(latencies) * 1e3
     return {
         "clients": clients,
@@ -199,6 +213,8 @@ def load(server: Server, bodies: list[dict], clients: int, expect_items: int) ->
         "p99_ms": float(np.percentile(ms, 99)),
         "rss_before_mib": rss_before,
         "rss_after_mib": server.rss,
+        "rss_max_first_half_mib": max(first_half),
+        "rss_max_second_half_mib": max(second_half),
     }
 
 
@@ -298,7 +314,8 @@ def run_model(label: str, model_dir: Path, shape: Shape, work: Path, args: argpa
 
 def markdown(rows: list[dict], baseline: dict[str, float]) -> str:
     lines = [
-        "| model | phase | requests | errors | req/s | p50 ms | p99 ms | x full (req/s) | server RSS MiB before -> after |",
+        "| model | phase | requests | errors | req/s | p50 ms | p99 ms | x full (req/s) | server RSS MiB: before, "
+        "max in 1st / 2nd half, after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -306,7 +323,8 @@ def markdown(rows: list[dict], baseline: dict[str, float]) -> str:
         lines.append(
             f"| {row['model']} | {row['phase']} | {row['requests']} | {row['errors']} | {row['rps']:.1f} | "
             f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {ratio:.2f} | "
-            f"{row['rss_before_mib']:.0f} -> {row['rss_after_mib']:.0f} |"
+            f"{row['rss_before_mib']:.0f}, {row['rss_max_first_half_mib']:.0f} / {row['rss_max_second_half_mib']:.0f}, "
+            f"{row['rss_after_mib']:.0f} |"
         )
     return "\n".join(lines)
 
