@@ -150,7 +150,12 @@ class Recommender:
             times = self._tensor(
                 [plan.recent_part(h.timestamps) for plan, h in zip(plans, histories, strict=True)]
             )
-        query = torch.tensor([plan.query_slot for plan in plans], device=self.device)
+        # Slots before every row's first item are padding for the whole batch: a batch of users shorter than
+        # the recent window runs only its last `width` slots (what a padded window computes, see predict_hidden).
+        skip = min(plan.offset for plan in plans)
+        recent = recent[:, skip:]
+        times = None if times is None else times[:, skip:]
+        query = torch.tensor([plan.query_slot - skip for plan in plans], device=self.device)
         with torch.inference_mode():
             hidden = self.model.model.predict_hidden(cache, recent, times)
         return hidden[torch.arange(len(plans), device=self.device), query]
