@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persrec.config import Config, ConfigError, load_config
+from persrec.data.fingerprint import sha256_file
 from persrec.data.store import ITEM_IDS_FILE, USER_IDS_FILE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,14 +39,6 @@ def find_model_dir(path: Path) -> Path:
                 )
             return candidate
     raise ConfigError(f"{path} holds no {WEIGHTS_FILE}, nor does {path / 'best'}; expected a run directory")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_id_column(path: Path, idx_col: str, id_col: str, first: int) -> list[Any]:
@@ -93,6 +86,6 @@ class ModelFiles:
         user_ids = _read_id_column(users, "user_idx", "user_id", 0) if users.is_file() else None
         # The weights and the config that shaped them: caches made by anything else are never used.
         fingerprint = hashlib.sha256(
-            (_sha256(directory / WEIGHTS_FILE) + _sha256(directory / "config.yaml")).encode()
+            (sha256_file(directory / WEIGHTS_FILE) + sha256_file(directory / "config.yaml")).encode()
         ).hexdigest()
         return cls(directory, config, dataset, item_ids, user_ids, fingerprint)
