@@ -52,6 +52,32 @@ def cli_flags(overrides: dict[str, object]) -> list[str]:
     return flags
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant. torchrun starts each worker in a session of its own, so a
+    signal to the launcher's process group leaves the workers running (read from /proc, Linux only)."""
+    import contextlib
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        tree.append(current)
+        stack += children.get(current, [])
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
 def torchrun_command(processes: int = 2) -> list[str]:
     """`python -m torch.distributed.run` on a free loopback port (torchrun needs a concrete one)."""
     import socket

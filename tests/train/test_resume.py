@@ -21,7 +21,7 @@ from persrec.config import load_config
 from persrec.train import checkpoint as ckpt
 from persrec.train.distributed import DistributedContext
 from persrec.train.trainer import Trainer
-from tests.conftest import cli_flags, tiny_overrides, torchrun_command
+from tests.conftest import cli_flags, kill_process_tree, tiny_overrides, torchrun_command
 
 ROOT = Path(__file__).parents[2]
 
@@ -295,7 +295,7 @@ def _torchrun(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [*command, "-m", "persrec.cli", "train", *args],
         env=env,
-        start_new_session=True,  # a process group: SIGKILL reaches the launcher and both workers
+        start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -313,10 +313,12 @@ def test_two_process_kill_and_resume_is_bit_for_bit(tiny_dataset, tmp_path):
     run = tmp_path / "interrupted" / "run"
     process = _torchrun(cli_flags(interrupted))
     _wait_for_step(run, 7, process, timeout=300)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_process_tree(process.pid)
     process.wait()
     stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step
     assert stopped < 24
+    time.sleep(1.0)  # the workers are dead too: nothing writes another checkpoint
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step == stopped
     assert len(json.loads((ckpt.latest_checkpoint(run) / "rng.json").read_text())["ranks"]) == 2
     process = _torchrun(cli_flags({**interrupted, "resume": "true"}))
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]

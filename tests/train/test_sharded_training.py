@@ -7,10 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from persrec.train import checkpoint as ckpt
 from persrec.train.distributed import DistributedContext
 from persrec.train.strategy import TrainingStrategy
 from persrec.train.trainer import Trainer
-from tests.conftest import cli_flags, tiny_overrides, torchrun_command
+from tests.conftest import cli_flags, kill_process_tree, tiny_overrides, torchrun_command
 from tests.train.test_resume import _torchrun, _wait_for_step
 
 ROOT = Path(__file__).parents[2]
@@ -180,9 +180,12 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_loads_in_one_process(tiny_
     run = tmp_path / "killed" / "run"
     process = _torchrun(cli_flags(killed))
     _wait_for_step(run, 7, process, timeout=300)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_process_tree(process.pid)
     process.wait()
-    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step < 24
+    stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step
+    assert stopped < 24
+    time.sleep(1.0)  # the workers are dead too: nothing writes another checkpoint
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step == stopped
     _finish(_torchrun(cli_flags({**killed, "resume": "true"})))
     resumed = _weights(run)
     for key in fsdp:
