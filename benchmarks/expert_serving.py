@@ -55,7 +55,7 @@ from persrec.models.experts import ExpertLayout, ExpertSequenceModel
 from persrec.models.hf_decoder import HFDecoderBackbone
 from persrec.models.hstu import HSTULayer
 from persrec.models.sasrec import SASRec
-from persrec.timing import matmul_rate, medians, timed_call
+from persrec.timing import format_figure, matmul_rate, medians, timed_call
 
 BACKBONES = ("HSTU", "SASRec", "LLaMAID")
 # What runs without --backbones.
@@ -404,16 +404,6 @@ def hf_shape(backbone: SequenceBackbone) -> dict[str, object]:
     }
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def _work(row: dict[str, object], path: str) -> float:
     """A path's time on the row's work clock: CPU time on a CPU (load-independent), wall time on CUDA."""
     cpu = row.get(f"{path}_cpu_ms")
@@ -433,26 +423,26 @@ def markdown(rows: list[dict[str, object]]) -> str:
         ("backbone", lambda r: r["backbone"]),
         ("N (P+R, k)", lambda r: f"{r['N']} ({r['P']}+{r['R']}, {r['k']})"),
         ("batch", lambda r: r["batch"]),
-        ("full ms", lambda r: _fmt(r["full_ms"])),
-        ("cached ms", lambda r: _fmt(r["cached_ms"])),
+        ("full ms", lambda r: format_figure(r["full_ms"])),
+        ("cached ms", lambda r: format_figure(r["cached_ms"])),
         ("speedup", lambda r: f"{r['speedup']:.1f}x"),
-        ("full req/s", lambda r: _fmt(r["full_rps"])),
-        ("cached req/s", lambda r: _fmt(r["cached_rps"])),
-        ("compress ms", lambda r: _fmt(r["compress_ms"])),
-        ("full CPU ms", lambda r: _fmt(r["full_cpu_ms"])),
-        ("cached CPU ms", lambda r: _fmt(r["cached_cpu_ms"])),
+        ("full req/s", lambda r: format_figure(r["full_rps"])),
+        ("cached req/s", lambda r: format_figure(r["cached_rps"])),
+        ("compress ms", lambda r: format_figure(r["compress_ms"])),
+        ("full CPU ms", lambda r: format_figure(r["full_cpu_ms"])),
+        ("cached CPU ms", lambda r: format_figure(r["cached_cpu_ms"])),
         ("CPU speedup", lambda r: "-" if r["speedup_cpu"] is None else f"{r['speedup_cpu']:.1f}x"),
         ("FLOP ratio", lambda r: f"{r['flop_ratio']:.1f}x"),
         (
             "roofline full / cached ms",
-            lambda r: f"{_fmt(r['roofline_full_ms'])} / {_fmt(r['roofline_cached_ms'])}",
+            lambda r: f"{format_figure(r['roofline_full_ms'])} / {format_figure(r['roofline_cached_ms'])}",
         ),
         (
             "attention % of time (FLOPs), full / cached",
             lambda r: f"{_attention(r, 'full')} / {_attention(r, 'cached')}",
         ),
-        ("full ms, causal SDPA", lambda r: _fmt(r["full_causal_work_ms"])),
-        ("1-item ms", lambda r: _fmt(_work(r, "one_item"))),
+        ("full ms, causal SDPA", lambda r: format_figure(r["full_causal_work_ms"])),
+        ("1-item ms", lambda r: format_figure(_work(r, "one_item"))),
         ("max abs score diff", lambda r: f"{r['max_abs_score_diff']:.1e}"),
         ("cpu share", lambda r: f"{r['cpu_share']:.2f}"),
         ("load 1m", lambda r: f"{r['load_1m_start']:.1f}-{r['load_1m_end']:.1f}"),
@@ -485,10 +475,10 @@ def analysis(rows: list[dict[str, object]]) -> list[str]:
         text = (
             f"- {name}, N={ref['N']} batch {ref['batch']} ({clock}): the cache is {speedup:.1f}x faster per "
             f"request against a FLOP ratio of {ref['flop_ratio']:.1f}x ({speedup / ref['flop_ratio']:.0%} of it; "
-            f"{expected:.1f}x expected from the full path's time per FLOP plus the {_fmt(one_item)} ms a one-item "
-            f"request costs). Full path {_fmt(full)} ms = {full / ref['roofline_full_ms']:.1f}x its matmul "
-            f"roofline ({_fmt(ref['roofline_full_ms'])} ms at {ref['peak_gflops']:.0f} GFLOP/s); cached path "
-            f"{_fmt(cached)} ms = {cached / ref['roofline_cached_ms']:.1f}x its roofline."
+            f"{expected:.1f}x expected from the full path's time per FLOP plus the {format_figure(one_item)} ms a one-item "
+            f"request costs). Full path {format_figure(full)} ms = {full / ref['roofline_full_ms']:.1f}x its matmul "
+            f"roofline ({format_figure(ref['roofline_full_ms'])} ms at {ref['peak_gflops']:.0f} GFLOP/s); cached path "
+            f"{format_figure(cached)} ms = {cached / ref['roofline_cached_ms']:.1f}x its roofline."
         )
         if attention_full is not None and attention_cached is not None:
             text += (
@@ -500,7 +490,7 @@ def analysis(rows: list[dict[str, object]]) -> list[str]:
         if ref.get("full_causal_work_ms") is not None:
             text += (
                 f" Through SDPA's causal kernel instead of the explicit mask the full path takes "
-                f"{_fmt(ref['full_causal_work_ms'])} ms: {ref['speedup_vs_causal']:.1f}x is the speedup "
+                f"{format_figure(ref['full_causal_work_ms'])} ms: {ref['speedup_vs_causal']:.1f}x is the speedup "
                 f"against that faster baseline."
             )
         lines.append(f"{text} All rows: {speedups}.")
@@ -593,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{backbone} N={length} batch={batch}: full {row['full_ms']:.1f} ms, cached "
                     f"{row['cached_ms']:.2f} ms, speedup {row['speedup']:.1f}x (CPU time "
-                    f"{_fmt(row['speedup_cpu'])}x, FLOP ratio {row['flop_ratio']:.1f}x), peak "
+                    f"{format_figure(row['speedup_cpu'])}x, FLOP ratio {row['flop_ratio']:.1f}x), peak "
                     f"{row['peak_gflops']:.0f} GFLOP/s, cpu share {row['cpu_share']:.2f}, "
                     f"load {row['load_1m_end']:.2f}",
                     file=sys.stderr,

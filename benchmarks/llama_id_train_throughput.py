@@ -47,6 +47,7 @@ from benchmarks.train_throughput import (
 )
 from persrec.atomic import atomic_write_json
 from persrec.config import Config
+from persrec.timing import format_figure
 
 # SmolLM2-135M's decoder (from its config.json), built with random weights.
 SMOLLM2_135M_CONFIG = {
@@ -194,27 +195,17 @@ def run(
     return list(rows.values())
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def markdown(rows: list[dict[str, object]]) -> str:
     columns = [
         ("path", lambda r: r["path"]),
         ("L (+k)", lambda r: f"{r['seq_len']}" + (f" (+{r['experts']})" if r["experts"] else "")),
         ("batch", lambda r: r["batch"]),
-        ("seq/s", lambda r: _fmt(r["seq_per_s"])),
-        ("seq/CPU-s", lambda r: _fmt(r["seq_per_cpu_s"])),
-        ("CPU ms/step", lambda r: _fmt(r["cpu_ms"])),
+        ("seq/s", lambda r: format_figure(r["seq_per_s"])),
+        ("seq/CPU-s", lambda r: format_figure(r["seq_per_cpu_s"])),
+        ("CPU ms/step", lambda r: format_figure(r["cpu_ms"])),
         ("step mem MB", lambda r: f"{r['step_mem_mb']:,.0f}"),
-        ("GFLOP/step", lambda r: _fmt(r["gflop"])),
-        ("GFLOP/CPU-s", lambda r: _fmt(r["gflop_per_cpu_s"])),
+        ("GFLOP/step", lambda r: format_figure(r["gflop"])),
+        ("GFLOP/CPU-s", lambda r: format_figure(r["gflop_per_cpu_s"])),
         (
             "vs HSTU (CPU clock)",
             lambda r: "-" if r["vs_baseline_cpu"] is None else f"{r['vs_baseline_cpu']:.2f}x",

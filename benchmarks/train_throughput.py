@@ -54,7 +54,7 @@ from persrec.atomic import atomic_write_json
 from persrec.config import Config
 from persrec.flops import layer_flops
 from persrec.models.experts import ExpertLayout
-from persrec.timing import matmul_rate, timed_call
+from persrec.timing import format_figure, matmul_rate, timed_call
 from persrec.train.build import build_model, nce_config
 from persrec.train.loss import SampledSoftmaxLoss
 from persrec.train.schedule import build_optimizer
@@ -342,27 +342,19 @@ def run_row(
 
 
 # ---- reporting --------------------------------------------------------------------------------------------
-def _fmt(value: float) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def markdown(rows: list[dict[str, object]]) -> str:
     columns = [
         ("model", lambda r: r["model"] + (" + experts (authors' config)" if r["label"] == "authors" else "")),
         ("L (+k)", lambda r: f"{r['seq_len']}" + (f" (+{r['experts']})" if r["experts"] else "")),
         ("batch", lambda r: r["batch"]),
         ("attention", lambda r: r["attention"]),
-        ("seq/s", lambda r: _fmt(r["seq_per_s"])),
-        ("step ms", lambda r: _fmt(r["step_ms"])),
-        ("CPU ms/step", lambda r: _fmt(r["cpu_ms"])),
+        ("seq/s", lambda r: format_figure(r["seq_per_s"])),
+        ("step ms", lambda r: format_figure(r["step_ms"])),
+        ("CPU ms/step", lambda r: format_figure(r["cpu_ms"])),
         ("peak mem MB", lambda r: f"{r['peak_mem_mb']:,.0f}"),
-        ("GFLOP/step", lambda r: _fmt(r["gflop"])),
-        ("GFLOP/s", lambda r: _fmt(r["gflop_per_s"])),
-        ("matmul peak", lambda r: _fmt(r["peak_gflop_per_s"])),
+        ("GFLOP/step", lambda r: format_figure(r["gflop"])),
+        ("GFLOP/s", lambda r: format_figure(r["gflop_per_s"])),
+        ("matmul peak", lambda r: format_figure(r["peak_gflop_per_s"])),
         ("% of peak", lambda r: f"{r['pct_of_peak']:.1f}"),
         (
             "vs reference",

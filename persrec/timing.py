@@ -44,3 +44,14 @@ def matmul_rate(device: torch.device, size: int, runs: int = 5) -> tuple[float, 
     wall, cpu = medians([timed_call(lambda: torch.mm(a, b), device) for _ in range(runs)])
     flops = 2 * size**3
     return flops / wall, None if cpu is None else flops / cpu
+
+
+def format_figure(value: float | None) -> str:
+    """A measured figure for a benchmark table: three significant digits or so, "-" when not measured."""
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
