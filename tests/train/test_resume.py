@@ -238,6 +238,18 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
     raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
 
 
+def _kill_after_step(run: Path, step: int, process: subprocess.Popen, before: int) -> None:
+    """SIGKILL a run (launcher and every worker) once it has checkpointed `step`, and check that it stopped
+    before step `before` and that nothing writes another checkpoint afterwards."""
+    _wait_for_step(run, step, process, timeout=300)
+    kill_process_tree(process.pid)
+    process.wait()
+    stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step
+    assert stopped < before
+    time.sleep(1.0)
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step == stopped
+
+
 @pytest.fixture(scope="module")
 def reference_run(tiny_dataset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reference")
@@ -312,13 +324,7 @@ def test_two_process_kill_and_resume_is_bit_for_bit(tiny_dataset, tmp_path):
     interrupted = tiny_overrides(tiny_dataset, tmp_path / "interrupted", **common)
     run = tmp_path / "interrupted" / "run"
     process = _torchrun(cli_flags(interrupted))
-    _wait_for_step(run, 7, process, timeout=300)
-    kill_process_tree(process.pid)
-    process.wait()
-    stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step
-    assert stopped < 24
-    time.sleep(1.0)  # the workers are dead too: nothing writes another checkpoint
-    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step == stopped
+    _kill_after_step(run, 7, process, before=24)
     assert len(json.loads((ckpt.latest_checkpoint(run) / "rng.json").read_text())["ranks"]) == 2
     process = _torchrun(cli_flags({**interrupted, "resume": "true"}))
     assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]

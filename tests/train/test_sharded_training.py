@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,8 @@ from persrec.train import checkpoint as ckpt
 from persrec.train.distributed import DistributedContext
 from persrec.train.strategy import TrainingStrategy
 from persrec.train.trainer import Trainer
-from tests.conftest import cli_flags, kill_process_tree, tiny_overrides, torchrun_command
-from tests.train.test_resume import _torchrun, _wait_for_step
+from tests.conftest import cli_flags, tiny_overrides, torchrun_command
+from tests.train.test_resume import _kill_after_step, _torchrun
 
 ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -179,13 +178,7 @@ def test_fsdp_training_equals_ddp_resumes_exactly_and_loads_in_one_process(tiny_
     killed = {**runs["killed"], "strategy": "fsdp"}
     run = tmp_path / "killed" / "run"
     process = _torchrun(cli_flags(killed))
-    _wait_for_step(run, 7, process, timeout=300)
-    kill_process_tree(process.pid)
-    process.wait()
-    stopped = ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step
-    assert stopped < 24
-    time.sleep(1.0)  # the workers are dead too: nothing writes another checkpoint
-    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run)).global_step == stopped
+    _kill_after_step(run, 7, process, before=24)
     _finish(_torchrun(cli_flags({**killed, "resume": "true"})))
     resumed = _weights(run)
     for key in fsdp:
