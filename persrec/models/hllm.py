@@ -65,14 +65,14 @@ class HLLMBackbone(HFDecoderBackbone):
     def item_vectors(self, item_ids: Tensor) -> Tensor:
         if self.frozen_items:
             return self.item_table[item_ids]
-        if not self.training or not torch.is_grad_enabled():
+        if not self.training:
             return self.all_item_vectors()[item_ids]
         return self.item_encoder.embed(item_ids).float()
 
     def all_item_vectors(self) -> Tensor:
         if self.frozen_items:
             return self.item_table
-        if self.training and torch.is_grad_enabled():
+        if self.training:  # the item LLM changes every step: nothing to keep
             return self.item_encoder.embed(torch.arange(self.config.num_items + 1)).float()
         if self._evaluation_table is None:
             self._evaluation_table = self.item_encoder.embed_all().float()
