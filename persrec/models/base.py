@@ -224,7 +224,8 @@ class SequenceBackbone(nn.Module):
         `_layer_context` derives the rest (e.g. HSTU's relative-bias indices) from positions and timestamps.
         """
         shared = PassMask(mask)
-        context = self._layer_context(positions, timestamps, cache)
+        # keep_present: whether the layers' key/values outlive the pass (a layer may reuse scratch otherwise).
+        context = {**self._layer_context(positions, timestamps, cache), "keep_present": return_cache}
         keys, values = [], []
         for index, layer in enumerate(self.layers):
             past = None if cache is None else (cache.keys[index], cache.values[index])

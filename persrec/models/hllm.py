@@ -7,8 +7,9 @@ backbone); only where item vectors come from changes:
   text and settings, see `persrec.hf.embedding_cache`) into a table saved with the weights, so a trained model is
   served without the item LLM;
 - trainable item LLM: item vectors are computed from text in every step (each distinct item of a call once),
-  gradients flowing into the item LLM and its item tokens; outside training all items are embedded once per
-  evaluation and reused until the model trains again.
+  gradients flowing into the item LLM and its item tokens; outside training all items are embedded once and
+  reused while the item LLM's weights stay the same. The table of the final evaluation is saved beside the
+  weights (`item_table.safetensors`), so serving needs neither the item LLM nor the item texts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 # The item model's config.json, saved beside an HLLM model's weights.
 ITEM_MODEL_CONFIG = "item_model_config.json"
+# A trainable item LLM's item vectors as last evaluated, saved beside the weights: serving needs only these.
+ITEM_TABLE_FILE = "item_table.safetensors"
 
 
 class HLLMBackbone(HFDecoderBackbone):
@@ -53,14 +56,22 @@ class HLLMBackbone(HFDecoderBackbone):
                 raise ValueError(f"the item table has shape {tuple(item_table.shape)}, expected {expected}")
             self.register_buffer("item_table", item_table.float().clone())
         self._evaluation_table: Tensor | None = None
+        self._evaluation_version: tuple[tuple[int, int], ...] = ()
 
     @property
     def frozen_items(self) -> bool:
         return self.item_encoder is None
 
     def train(self, mode: bool = True) -> HLLMBackbone:
-        self._evaluation_table = None  # item vectors change once the item LLM trains again
+        if mode:
+            self._evaluation_table = None  # the item LLM changes every step from now on: free the table
         return super().train(mode)
+
+    def _weights_version(self) -> tuple[tuple[int, int], ...]:
+        """Identifies the item LLM's current weights: every in-place change (an optimiser step, loading a
+        state dict) bumps a parameter's version counter, so a table made from older weights is never used."""
+        assert self.item_encoder is not None
+        return tuple((p.data_ptr(), p._version) for p in self.item_encoder.parameters())
 
     def item_vectors(self, item_ids: Tensor) -> Tensor:
         if self.frozen_items:
@@ -74,9 +85,25 @@ class HLLMBackbone(HFDecoderBackbone):
             return self.item_table
         if self.training:  # the item LLM changes every step: nothing to keep
             return self.item_encoder.embed(torch.arange(self.config.num_items + 1)).float()
-        if self._evaluation_table is None:
+        version = self._weights_version()
+        if self._evaluation_table is None or self._evaluation_version != version:
             self._evaluation_table = self.item_encoder.embed_all().float()
+            self._evaluation_version = version
         return self._evaluation_table
+
+    def serving_item_table(self) -> Tensor | None:
+        """A trainable item LLM's vectors of every item under the current weights (None when frozen: the table
+        is in the weights then), for `persrec.serve`, which ranks vectors only. Every process of a sharded run
+        must call it (the item LLM runs)."""
+        if self.frozen_items:
+            return None
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.all_item_vectors().detach().clone()
+        finally:
+            self.train(was_training)
 
     # ---- scale ---------------------------------------------------------------------------------------------
     def shardable_layers(self) -> list[nn.Module]:

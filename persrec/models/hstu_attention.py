@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from persrec.models import hstu_native
+from persrec.models import hstu_epilogue, hstu_native
 from persrec.models.mask_cache import PassMask, any_sequence, derived, every_sequence, mask_tensor
 
 # Score tile size. Per-element costs were flat from 1 to 4 MiB on the 2-core EPYC we develop on (1 MiB L2 per
@@ -93,11 +93,13 @@ class _Tile:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one mask is tiled: `group` batch elements per tile, the tiles of one group, the largest tile."""
+    """How one mask is tiled: `group` batch elements per tile, the tiles of one group, the largest tile, and
+    the mask itself ([B, L, S] bool) for the score-tile kernel."""
 
     group: int
     tiles: tuple[_Tile, ...]
     tile_elements: int
+    mask: Tensor
 
 
 def _block_runs(flags: list[bool], first: int, last: int) -> list[tuple[int, int]]:
@@ -146,7 +148,7 @@ def _build_plan(mask: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
             strips.append((c0 - k0, c1 - k0, mask[:, None, q0:q1, c0:c1].to(dtype)))
         tiles.append(_Tile(q0, q1, k0, k1, tuple(strips)))
     largest = max(((tile.q1 - tile.q0) * (tile.k1 - tile.k0) for tile in tiles), default=0)
-    return _Plan(group, tuple(tiles), group * heads * largest)
+    return _Plan(group, tuple(tiles), group * heads * largest, mask)
 
 
 def _plan(mask: Tensor | PassMask, tensor: Tensor, heads: int, dtype: torch.dtype) -> _Plan:
@@ -181,14 +183,19 @@ class _TiledHSTUAttention(torch.autograd.Function):
         v_t = v.transpose(-1, -2).reshape(batch * heads, dv, keys)
         out_t = q.new_zeros(batch * heads, dv, length)
         work = q.new_empty(plan.tile_elements)
-        bias_work = q.new_empty(plan.tile_elements) if isinstance(bias, GatheredBias) else None
+        fused = _fusable(q, bias, plan.mask)
+        gathering = isinstance(bias, GatheredBias) and not fused
+        bias_work = q.new_empty(plan.tile_elements) if gathering else None
         for g0 in range(0, batch, plan.group):
             g1 = min(batch, g0 + plan.group)
             h0, h1 = g0 * heads, g1 * heads
             for tile in plan.tiles:
-                scores = _scores(q_rows, k_t, bias, work, tile, g0, g1, heads, bias_work)
-                F.silu(scores, inplace=True)
-                _apply_strips(scores, tile, g0, g1, heads)
+                if fused:
+                    scores = _fused_scores(q_rows, k_t, bias, plan.mask, work, tile, g0, g1, heads)
+                else:
+                    scores = _scores(q_rows, k_t, bias, work, tile, g0, g1, heads, bias_work)
+                    F.silu(scores, inplace=True)
+                    _apply_strips(scores, tile, g0, g1, heads)
                 out_t[h0:h1, :, tile.q0 : tile.q1] = torch.bmm(v_t[h0:h1, :, tile.k0 : tile.k1], scores.mT)
         # A GatheredBias comes only without autograd (see HSTULayer): there is no backward to save it for.
         ctx.save_for_backward(q_rows, k_t, v_t, bias if isinstance(bias, Tensor) else None)
@@ -281,6 +288,46 @@ def _scores(
         scores.view(g1 - g0, heads, rows, cols).add_(tile_bias[:, None])
     elif bias is not None:
         scores.view(g1 - g0, heads, rows, cols).add_(bias[g0:g1, None, tile.q0 : tile.q1, tile.k0 : tile.k1])
+    return scores
+
+
+def _fusable(q: Tensor, bias: Tensor | GatheredBias | None, mask: Tensor) -> bool:
+    """Whether the score-tile kernel can take this call: float32 throughout, rows with unit column stride."""
+    if not hstu_epilogue.available(q) or mask.dtype != torch.bool or mask.stride(-1) != 1:
+        return False
+    if isinstance(bias, GatheredBias):
+        table, index = bias.table, bias.index
+        contiguous = table.is_contiguous() and index.stride(-1) == 1
+        return table.dtype == torch.float32 and index.dtype == torch.int32 and contiguous
+    return bias is None or (bias.dtype == torch.float32 and bias.stride(-1) == 1)
+
+
+def _fused_scores(
+    q_rows: Tensor,
+    k_t: Tensor,
+    bias: Tensor | GatheredBias | None,
+    mask: Tensor,
+    buffer: Tensor,
+    tile: _Tile,
+    g0: int,
+    g1: int,
+    heads: int,
+) -> Tensor:
+    """SiLU(scores + bias) * mask of one tile, [(g1 - g0) * H, rows, keys]: the product, then one pass of the
+    score-tile kernel (the mask only where some entry of the tile is hidden)."""
+    h0, h1 = g0 * heads, g1 * heads
+    q0, q1, k0, k1 = tile.q0, tile.q1, tile.k0, tile.k1
+    scores = torch.bmm(
+        q_rows[h0:h1, q0:q1], k_t[h0:h1, :, k0:k1], out=_view(buffer, (h1 - h0, q1 - q0, k1 - k0))
+    )
+    table = index = dense = None
+    if isinstance(bias, GatheredBias):
+        rows = bias.index[g0:g1] if bias.index.shape[0] > 1 else bias.index
+        table, index = bias.table, rows[:, q0:q1, k0:k1]
+    elif bias is not None:
+        dense = bias[g0:g1, q0:q1, k0:k1]
+    hidden = mask[g0:g1, q0:q1, k0:k1] if tile.strips else None
+    hstu_epilogue.apply(scores, heads, table=table, index=index, bias=dense, mask=hidden)
     return scores
 
 

@@ -15,47 +15,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from persrec import native
 from persrec.models.mask_cache import PassMask, any_sequence, derived, mask_tensor
 
 # Widest head (query/key or value width) the kernel is compiled for: its per-head vectors live in registers,
 # and wide heads are where the tiled path's GEMMs are efficient anyway.
 MAX_HEAD_DIM = 32
-# Set to 0 to never build or use the kernel.
-ENV_SWITCH = "PERSREC_NATIVE_KERNELS"
 # The kernel visits keys in blocks of this many; its mask and bias rows are padded to a multiple of it.
 KEY_ALIGN = 8
 
-_SOURCE = r"""
-#include <immintrin.h>
-#include <stdint.h>
+_SOURCE = (
+    native.PARALLEL_PRELUDE
+    + native.AVX2_MATH
+    + r"""
 
 /* DK, DV (query/key and value widths) are compile-time constants so that per-head vectors stay in registers. */
 #define C (DK + DV)
-
-/* Units (batch-head pairs, or batch elements) [u0, u1) are shared out over `threads` OpenMP threads: the same
-   pool PyTorch's CPU ops use, so no extra threads compete for the cores. Built without OpenMP, the caller
-   splits the range over its own threads instead. */
-#ifdef _OPENMP
-#define FOR_UNITS(u) _Pragma("omp parallel for schedule(static) num_threads(threads)") for (int64_t u = u0; u < u1; u++)
-#else
-#define FOR_UNITS(u) for (int64_t u = u0; u < u1; u++)
-#endif
 
 /* Element strides of batch, head and row of a [B, H, rows, width] float tensor with a contiguous last dim. */
 typedef struct {
@@ -64,38 +44,6 @@ typedef struct {
 
 static inline const float *row_of(const float *base, view_t s, int64_t bh, int heads, int64_t i) {
     return base + (bh / heads) * s.b + (bh % heads) * s.h + i * s.row;
-}
-
-/* exp(x) to about 1.3 ulp on [-87, 88]: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor polynomial for
-   exp(r) and 2^n assembled in the exponent bits. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-/* Eight mask bytes (0 or 1) as floats. */
-static inline __m256 mask8(const uint8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-static inline float sum8(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
 }
 
 /* kv [BH, S8 / 8, DK + DV, 8]: each block of 8 key slots holds its keys, then its values, feature-major, so
@@ -213,10 +161,8 @@ void hstu_backward(int64_t u0, int64_t u1, int threads, int heads, int length, i
     }
 }
 """
+)
 
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
-# Tried first; without it (a compiler lacking OpenMP) the kernel is built single-threaded per call.
-_OPENMP = "-fopenmp"
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 
 
@@ -238,77 +184,11 @@ _SIGNATURES = {
 }
 
 
-def _cache_dir() -> Path:
-    """Where compiled kernels are kept: $PERSREC_CACHE_DIR/kernels (default ~/.cache/persrec/kernels)."""
-    root = os.environ.get("PERSREC_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "persrec") / "kernels"
-
-
-def _cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def _compile(command: list[str], target: Path) -> None:
-    """Build the kernel into `target` atomically (concurrent processes may race to build the same file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        source = Path(work) / "hstu_attention.c"
-        source.write_text(_SOURCE)
-        built = Path(work) / target.name
-        subprocess.run(
-            [*command, str(source), "-o", str(built)], check=True, capture_output=True, text=True, timeout=120
-        )
-        os.replace(built, target)
-
-
-def _build(compiler: str, flags: list[str], dk: int, dv: int, announce: bool = True) -> ctypes.CDLL:
-    """The compiled kernel for these flags and head widths, from the cache or built now (saying so once, since a
-    first step that pauses for seconds would otherwise look like a hang)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join([_SOURCE, *flags, version]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"hstu_attention_{dk}x{dv}_{digest}.so"
-    if not target.exists():
-        if announce:
-            print(
-                f"persrec: compiling the fused HSTU attention kernel for {dk}x{dv} heads, once "
-                f"(cached in {target.parent}; {ENV_SWITCH}=0 turns it off)",
-                file=sys.stderr,
-                flush=True,
-            )
-        _compile([compiler, *flags, f"-DDK={dk}", f"-DDV={dv}"], target)
-    return ctypes.CDLL(str(target))
-
-
 @functools.cache
 def _library(dk: int, dv: int) -> ctypes.CDLL | None:
     """The kernel for head widths (dk, dv), built on first use; None (with one warning) if that fails."""
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not _cpu_has_avx2():
-        return None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        return None
-    try:
-        try:
-            library = _build(compiler, [*_FLAGS, _OPENMP], dk, dv)
-            library.openmp = True
-        except subprocess.CalledProcessError:
-            library = _build(compiler, list(_FLAGS), dk, dv, announce=False)
-            library.openmp = False
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        warnings.warn(
-            f"could not build the fused HSTU attention kernel ({detail.strip()[:500]}); "
-            "using the tiled PyTorch path",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, None
-    return library
+    what = f"the fused HSTU attention kernel for {dk}x{dv} heads"
+    return native.load(f"hstu_attention_{dk}x{dv}", _SOURCE, _SIGNATURES, what, (f"DK={dk}", f"DV={dv}"))
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> bool:
@@ -363,33 +243,6 @@ def _build_mask_layout(mask: Tensor, keys8: int) -> tuple[Tensor, Tensor, Tensor
     return padded, first, stop
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _run_parallel(library: ctypes.CDLL, name: str, units: int, *args: object) -> None:
-    """Run kernel `name` over units [0, units) on torch's thread count: inside the kernel with OpenMP (PyTorch's
-    own pool), or, for a build without OpenMP, as one contiguous range per Python thread (ctypes releases the
-    GIL during the call)."""
-    global _pool, _pool_size
-    function = getattr(library, name)
-    threads = max(1, min(torch.get_num_threads(), units))
-    if library.openmp or threads == 1:
-        function(0, units, threads, *args)
-        return
-    bounds = [units * t // threads for t in range(threads + 1)]
-    with _pool_lock:
-        if _pool is None or _pool_size < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="hstu-attention")
-            _pool_size = threads - 1
-        pool = _pool
-    futures = [pool.submit(function, bounds[t], bounds[t + 1], 1, *args) for t in range(1, threads)]
-    function(bounds[0], bounds[1], 1, *args)
-    for future in futures:
-        future.result()
-
-
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -424,12 +277,12 @@ class _NativeHSTUAttention(torch.autograd.Function):
         q, k, v = _readable(q), _readable(k), _readable(v)
         kv = q.new_empty(batch * heads, keys8 // 8, dk + dv, 8)
         pack = (_ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(kv))
-        _run_parallel(library, "hstu_pack", batch * heads, heads, keys, keys8, *pack)
+        native.run_parallel(library, "hstu_pack", batch * heads, heads, keys, keys8, *pack)
         bias8 = None if bias is None else _padded_bias(bias, keys8)
         out = _rows_major(batch, heads, length, dv, q)
         layout = (_ptr(kv), _ptr(mask8), _ptr(bias8), _ptr(first), _ptr(stop))
         io = (1.0 / normaliser, _ptr(out), _strides(out))
-        _run_parallel(
+        native.run_parallel(
             library, "hstu_forward", batch * heads, heads, length, keys8, _ptr(q), _strides(q), *layout, *io
         )
         ctx.save_for_backward(q, kv, bias8, mask8, first, stop)
@@ -451,12 +304,12 @@ class _NativeHSTUAttention(torch.autograd.Function):
         grads = (_ptr(grad_out), _strides(grad_out), 1.0 / ctx.normaliser, _ptr(grad_q), _strides(grad_q))
         grads += (_ptr(grad_kv), _ptr(grad_bias8))
         units = batch if need_bias else batch * heads
-        _run_parallel(
+        native.run_parallel(
             library, "hstu_backward", units, heads, length, keys8, _ptr(q), _strides(q), *layout, *grads
         )
         grad_k, grad_v = _rows_major(batch, heads, keys, dk, q), _rows_major(batch, heads, keys, dv, q)
         unpack = (_ptr(grad_kv), _ptr(grad_k), _strides(grad_k), _ptr(grad_v), _strides(grad_v))
-        _run_parallel(library, "hstu_unpack", batch * heads, heads, keys, keys8, *unpack)
+        native.run_parallel(library, "hstu_unpack", batch * heads, heads, keys, keys8, *unpack)
         grad_bias = None if grad_bias8 is None else grad_bias8[:, :, :keys]
         return grad_q, grad_k, grad_v, None, grad_bias, None
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from persrec.config import Config, ConfigError, load_config
 from persrec.data.fingerprint import sha256_file
@@ -89,3 +90,51 @@ class ModelFiles:
             (sha256_file(directory / WEIGHTS_FILE) + sha256_file(directory / "config.yaml")).encode()
         ).hexdigest()
         return cls(directory, config, dataset, item_ids, user_ids, fingerprint)
+
+
+def serving_model(files: ModelFiles) -> torch.nn.Module:
+    """The model `files` describe, with their weights, in the form serving runs.
+
+    A trainable item LLM only turns item texts into item vectors, and serving reads and ranks vectors only:
+    when its run saved the vectors of its final evaluation (`item_table.safetensors`), the model is built with
+    that table in place of the item LLM, so neither the item model's directory nor the item texts are needed.
+    """
+    from dataclasses import replace
+
+    from persrec.models.hllm import ITEM_TABLE_FILE
+    from persrec.train.build import build_model
+    from persrec.train.checkpoint import load_state, read_weights
+
+    config = files.config
+    num_users = int(files.dataset.get("num_users") or 0)
+    weights = files.directory / WEIGHTS_FILE
+    table_file = files.directory / ITEM_TABLE_FILE
+    table = _item_table(table_file, weights) if config.item_llm_trainable else None
+    if table is None:
+        model = build_model(config, len(files.item_ids), num_users, model_dir=files.directory)
+        load_state(model, read_weights(weights), weights)
+        return model
+    model = build_model(
+        replace(config, item_llm_trainable=False), len(files.item_ids), num_users, model_dir=files.directory
+    )
+    state = {key: value for key, value in read_weights(weights).items() if ".item_encoder." not in key}
+    (table_key,) = [key for key in model.state_dict() if key.endswith("item_table")]
+    state[table_key] = table
+    load_state(model, state, weights)
+    return model
+
+
+def _item_table(path: Path, weights: Path) -> torch.Tensor | None:
+    """The saved item table when it was computed with these weights; None when absent or from other weights
+    (a run that found a better model after writing it, or was stopped before its final evaluation)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as table_file:
+            recorded = (table_file.metadata() or {}).get("weights_sha256")
+            table = table_file.get_tensor("item_table")
+    except Exception as error:  # noqa: BLE001 - any damage to the file is the same mistake for the user
+        raise ConfigError(f"{path} is not a readable item table ({error})") from error
+    return table if recorded == sha256_file(weights) else None

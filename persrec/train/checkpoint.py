@@ -82,7 +82,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights; a damaged file or one for another model is a ConfigError naming the file."""
-    state = read_weights(path)
+    load_state(model, read_weights(path), path)
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a state read from `path` (named in the errors); every key must match the model's, shapes too."""
     own = model.state_dict()
     wrong = [
         f"{key} {tuple(value.shape)} (model: {tuple(own[key].shape)})"
@@ -313,6 +317,17 @@ def save_model_files(
         backbone = getattr(model, "module", model).backbone
         for name, text in backbone.architecture_files().items():
             atomic_write_text(directory / name, text)
+
+
+def save_item_table(directory: Path, table: torch.Tensor) -> None:
+    """A trainable item LLM's item vectors beside the weights they were computed with (their hash is
+    recorded, so serving never pairs a table with other weights)."""
+    from persrec.data.fingerprint import sha256_file
+    from persrec.models.hllm import ITEM_TABLE_FILE
+
+    metadata = {"weights_sha256": sha256_file(directory / "model.safetensors")}
+    with atomic_path(directory / ITEM_TABLE_FILE) as tmp:
+        save_file({"item_table": table.float().cpu().contiguous()}, str(tmp), metadata=metadata)
 
 
 def load_dataset_fingerprint(directory: Path) -> dict[str, Any] | None:

@@ -384,6 +384,15 @@ class Trainer:
                 )
             self._check_stop()
 
+    def _serving_item_table(self) -> torch.Tensor | None:
+        """A trainable item LLM's vectors under the loaded (best) weights, which serving ranks with instead of
+        running the item LLM; None for every other model. Every rank takes part (a sharded model is gathered)."""
+        backbone = getattr(self.model, "module", self.model).backbone
+        if getattr(backbone, "frozen_items", True):
+            return None
+        with self.strategy.evaluating() as model:
+            return getattr(model, "module", model).backbone.serving_item_table()
+
     def final_report(self, best_path: Path) -> RunResult:
         valid, test = self.evaluate("valid"), self.evaluate("test")
         baseline = None
@@ -402,10 +411,13 @@ class Trainer:
         results = {"valid": valid, "test": test}
         if baseline is not None:
             results["test (popularity baseline)"] = baseline
+        serving_table = self._serving_item_table()
         if self.ctx.is_main:
             ckpt.save_model_files(
                 best_path.parent, self.config, self.fingerprint, self.store.path, self.model
             )
+            if serving_table is not None:
+                ckpt.save_item_table(best_path.parent, serving_table)
             atomic_write_json(self.run_dir / "results.json", self._summary(results))
             self.logger.log(self.state.global_step, {f"test/{k}": v for k, v in test.items() if k != "count"})
             self.logger.close()

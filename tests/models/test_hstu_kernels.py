@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import persrec.models.hstu_attention as attention
+from persrec import native
 from persrec.models import BackboneConfig, build_backbone, hstu_native
 from persrec.models.experts import ExpertLayout, ExpertSequenceModel
 from persrec.models.hstu_attention import hstu_attention, hstu_attention_reference
@@ -158,8 +159,10 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("PERSREC_CACHE_DIR", str(tmp_path))
     hstu_native._library.cache_clear()
     try:
-        if hstu_native._cpu_has_avx2():
-            with pytest.warns(RuntimeWarning, match="could not build the fused HSTU attention kernel"):
+        if native.cpu_has_avx2():
+            with pytest.warns(
+                RuntimeWarning, match="could not build the fused HSTU attention kernel for 8x8 heads"
+            ):
                 assert hstu_native._library(8, 8) is None
         q, k, v, bias, mask, weight = _inputs(1, 2, 6, 0, 8, 8, False, False, 2, dtype=torch.float32)
         assert not hstu_native.supports(q, k, v, bias)
@@ -225,7 +228,7 @@ def test_expert_model_training_gradients_match_the_reference_path():
 def test_a_build_without_openmp_splits_the_work_over_python_threads(monkeypatch, tmp_path):
     monkeypatch.setenv("PERSREC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(
-        hstu_native, "_OPENMP", "-fno-such-option"
+        native, "OPENMP_FLAG", "-fno-such-option"
     )  # the OpenMP build fails, the plain one works
     hstu_native._library.cache_clear()
     threads = torch.get_num_threads()
@@ -250,7 +253,7 @@ def test_the_first_build_says_so_in_one_line(monkeypatch, tmp_path, capfd):
         capfd.readouterr()
         assert hstu_native._library(8, 8) is not None
         (line,) = capfd.readouterr().err.splitlines()
-        assert line.startswith("persrec: compiling the fused HSTU attention kernel for 8x8 heads")
+        assert line.startswith("persrec: compiling the fused HSTU attention kernel for 8x8 heads, once")
         hstu_native._library.cache_clear()
         assert hstu_native._library(8, 8) is not None  # from the cache: silent
         assert capfd.readouterr().err == ""
