@@ -118,7 +118,7 @@ def relative_bias_index(
         and _same_rows(key_positions)
     ):
         query_positions, key_positions = query_positions[:1], key_positions[:1]  # one [1, L, S8] index
-    args = (
+    inputs = _IndexInputs(
         query_positions if positions else None,
         key_positions if positions else None,
         config.max_positions,
@@ -126,8 +126,28 @@ def relative_bias_index(
         key_times if buckets else None,
         config.time_buckets,
     )
-    index = _native_index(*args) if not query_positions.is_cuda else None
-    return RelativeBiasIndex(_torch_index(*args) if index is None else index, keys)
+    index = _native_index(inputs) if not query_positions.is_cuda else None
+    return RelativeBiasIndex(_torch_index(inputs) if index is None else index, keys)
+
+
+@dataclass(frozen=True)
+class _IndexInputs:
+    """What the index is computed from: positions [B or 1, L] / [B or 1, S] and times [B, L] / [B, S], each
+    pair None when its term is off."""
+
+    query_positions: Tensor | None
+    key_positions: Tensor | None
+    max_positions: int
+    query_times: Tensor | None
+    key_times: Tensor | None
+    time_buckets: int
+
+    def shape(self) -> tuple[int, int, int]:
+        """(rows of the index: B, or 1 for shared positions without time; L; S)."""
+        if self.query_times is not None and self.key_times is not None:
+            return self.query_times.shape[0], self.query_times.shape[1], self.key_times.shape[1]
+        assert self.query_positions is not None and self.key_positions is not None, "no position or time bias"
+        return self.query_positions.shape[0], self.query_positions.shape[1], self.key_positions.shape[1]
 
 
 # Time buckets are computed in blocks of about this many (query, key) pairs (16 MiB of int32): few enough
@@ -136,30 +156,20 @@ def relative_bias_index(
 BUCKET_BLOCK = 1 << 22
 
 
-def _torch_index(
-    query_positions: Tensor | None,
-    key_positions: Tensor | None,
-    max_positions: int,
-    query_times: Tensor | None,
-    key_times: Tensor | None,
-    time_buckets: int,
-) -> Tensor:
+def _torch_index(inputs: _IndexInputs) -> Tensor:
     """The index from PyTorch ops (GPUs, and CPUs without the kernel): [B or 1, L, S8] int32."""
-    reference = query_positions if query_positions is not None else query_times
-    assert reference is not None, "relative_bias_index without position or time bias"
-    keys = (key_positions if key_positions is not None else key_times).shape[1]
-    batch = reference.shape[0] if query_times is None else query_times.shape[0]
-    out = torch.zeros(
-        batch, reference.shape[1], padded_keys(keys), dtype=torch.int32, device=reference.device
-    )
+    batch, length, keys = inputs.shape()
+    qp, kp, qt, kt = inputs.query_positions, inputs.key_positions, inputs.query_times, inputs.key_times
+    device = (qp if qp is not None else qt).device
+    out = torch.zeros(batch, length, padded_keys(keys), dtype=torch.int32, device=device)
     index = out[:, :, :keys]
-    if query_positions is not None and key_positions is not None:
-        offset = key_positions[:, None, :] - query_positions[:, :, None] + max_positions - 1
-        index.copy_(offset.clamp_(0, 2 * max_positions - 2))
-        if query_times is not None:
-            index.mul_(time_buckets + 1)
-    if query_times is not None and key_times is not None:
-        _add_time_buckets(index, query_times, key_times, time_buckets)
+    if qp is not None and kp is not None:
+        top = 2 * inputs.max_positions - 2
+        index.copy_((kp[:, None, :] - qp[:, :, None] + inputs.max_positions - 1).clamp_(0, top))
+        if qt is not None:
+            index.mul_(inputs.time_buckets + 1)
+    if qt is not None and kt is not None:
+        _add_time_buckets(index, qt, kt, inputs.time_buckets)
     return out
 
 
@@ -277,24 +287,14 @@ def _library() -> ctypes.CDLL | None:
     return native.load("hstu_bias_index", _SOURCE, _SIGNATURES, "the HSTU relative-bias index kernel")
 
 
-def _native_index(
-    query_positions: Tensor | None,
-    key_positions: Tensor | None,
-    max_positions: int,
-    query_times: Tensor | None,
-    key_times: Tensor | None,
-    time_buckets: int,
-) -> Tensor | None:
+def _native_index(inputs: _IndexInputs) -> Tensor | None:
     """The same index as `_torch_index` from the C kernel, or None where it is unavailable."""
     library = _library()
     if library is None:
         return None
-    reference = query_positions if query_positions is not None else query_times
-    assert reference is not None, "relative_bias_index without position or time bias"
-    length = reference.shape[1]
-    keys = (key_positions if key_positions is not None else key_times).shape[1]
-    batch = reference.shape[0] if query_times is None else query_times.shape[0]
+    batch, length, keys = inputs.shape()
     keys8 = padded_keys(keys)
+    query_times, key_times = inputs.query_times, inputs.key_times
     kept: list[Tensor] = []  # what the kernel reads stays alive until it returns
 
     def rows(t: Tensor | None, dtype: torch.dtype) -> tuple[int | None, int]:
@@ -312,8 +312,8 @@ def _native_index(
             query_times, key_times = query_times - low, key_times - low
             name, time_dtype = "bias_index_i32", torch.int32
     out = scratch("hstu bias index", (batch, length, keys8), torch.int32, torch.device("cpu"))
-    positions = max_positions if query_positions is not None else 0
-    buckets = time_buckets if query_times is not None else -1
+    positions = inputs.max_positions if inputs.query_positions is not None else 0
+    buckets = inputs.time_buckets if query_times is not None else -1
     native.run_parallel(
         library,
         name,
@@ -321,8 +321,8 @@ def _native_index(
         length,
         keys,
         keys8,
-        *rows(query_positions, torch.int32),
-        *rows(key_positions, torch.int32),
+        *rows(inputs.query_positions, torch.int32),
+        *rows(inputs.key_positions, torch.int32),
         positions,
         *rows(query_times, time_dtype),
         *rows(key_times, time_dtype),

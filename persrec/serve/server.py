@@ -55,7 +55,7 @@ def _check_bindable(host: str, port: int) -> None:
         ) from error
 
 
-def build_app(options: ServeOptions) -> Any:
+def build_app(options: ServeOptions, model_thread: bool = True) -> Any:
     from persrec.serve.http_app import create_app
     from persrec.serve.live import LiveRecommender
     from persrec.serve.recommender_api import load_recommender
@@ -69,12 +69,37 @@ def build_app(options: ServeOptions) -> Any:
         threads=options.threads or None,
     )
     store = open_store(options.store, options.cache_dtype, rec.files.directory.parent / "serving.db")
-    return create_app(LiveRecommender(rec, store), api_key=key, max_batch=options.max_batch)
+    return create_app(
+        LiveRecommender(rec, store), api_key=key, max_batch=options.max_batch, model_thread=model_thread
+    )
 
 
 def app_from_environment() -> Any:
     """uvicorn's factory for `--workers N`: each worker process builds its own app from the options."""
     return build_app(ServeOptions(**json.loads(os.environ[OPTIONS_ENV])))
+
+
+def _serve_with_model_on_main_thread(server: Any, app: Any) -> None:
+    """uvicorn's event loop in a thread, the model in the main thread (see `MicroBatcher`).
+
+    SIGTERM / SIGINT reach uvicorn as they would in its own main thread: it stops accepting connections,
+    answers the requests in flight (the model keeps running here), runs the app's shutdown, which closes the
+    batcher, and returns; then the store is closed. A second SIGINT forces the exit.
+    """
+    import signal
+    import threading
+
+    http = threading.Thread(target=server.run, name="persrec-http", daemon=True)
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in handled}
+    http.start()
+    try:
+        app.state.batcher.run(alive=http.is_alive)
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        app.state.live.store.close()
 
 
 def serve_main(argv: list[str]) -> int:
@@ -127,10 +152,11 @@ def serve_main(argv: list[str]) -> int:
         args.device,
     )
     if args.workers == 1:
-        app = build_app(options)  # a mistake is reported before the port is bound
-        uvicorn.run(
+        app = build_app(options, model_thread=False)  # a mistake is reported before the port is bound
+        config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
         )
+        _serve_with_model_on_main_thread(uvicorn.Server(config), app)
         return 0
     build_app(options).state.live.store.close()  # model, store and key checked once, in this process
     os.environ[OPTIONS_ENV] = json.dumps(asdict(options))
