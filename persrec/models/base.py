@@ -185,6 +185,7 @@ class SequenceBackbone(nn.Module):
         cache: KVCache | None = None,
         mask_includes_cache: bool = False,
         return_cache: bool = False,
+        output_rows: int | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """Run the layers over already-embedded tokens.
 
@@ -192,19 +193,27 @@ class SequenceBackbone(nn.Module):
         over the current tokens, or [B, L, C + L] with `mask_includes_cache` (columns: cache first);
         positions: [B, L] int64 position ids; timestamps: [B, L] int64 or None; cache: key/values of C earlier
         tokens. Returns hidden states [B, L, D] (after the backbone's output norm, if it has one) and, with `return_cache`, the key/values of
-        the current tokens only (not the earlier cache).
+        the current tokens only (not the earlier cache). `output_rows` n: only the last n hidden states are
+        wanted ([B, n, D]); a backbone may then spare its last layer the other rows' queries.
         """
         hidden = self.input_dropout(inputs + self.position_embedding(positions))
         if not mask_includes_cache:
             mask = full_attention_mask(mask, cache)
-        return self._layers_forward(hidden, mask, positions, timestamps, cache, return_cache)
+        return self._layers_forward(hidden, mask, positions, timestamps, cache, return_cache, output_rows)
 
-    def forward(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
-        """Plain causal forward over left-padded item ids [B, L] -> hidden states [B, L, D]."""
+    def forward(
+        self, item_ids: Tensor, timestamps: Tensor | None = None, output_rows: int | None = None
+    ) -> Tensor:
+        """Plain causal forward over left-padded item ids [B, L] -> hidden states [B, L, D] (the last
+        `output_rows` of them when given)."""
         valid = item_ids > 0
         positions = torch.arange(item_ids.shape[1], device=item_ids.device).expand_as(item_ids)
         hidden, _ = self.encode(
-            self.input_embeddings(item_ids), causal_padding_mask(valid), positions, timestamps
+            self.input_embeddings(item_ids),
+            causal_padding_mask(valid),
+            positions,
+            timestamps,
+            output_rows=output_rows,
         )
         return hidden
 
@@ -216,8 +225,10 @@ class SequenceBackbone(nn.Module):
         timestamps: Tensor | None,
         cache: KVCache | None,
         return_cache: bool,
+        output_rows: int | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        """Run `self.layers` in order, collecting each layer's key/values of the current tokens.
+        """Run `self.layers` in order, collecting each layer's key/values of the current tokens; the last
+        layer is told `output_rows` (its key/values still cover every token).
 
         What the layers share is computed here once per pass rather than in every layer: the mask travels as a
         `PassMask` (the attention kernels' host-side summaries of it are built by the first layer), and
@@ -227,8 +238,11 @@ class SequenceBackbone(nn.Module):
         # keep_present: whether the layers' key/values outlive the pass (a layer may reuse scratch otherwise).
         context = {**self._layer_context(positions, timestamps, cache), "keep_present": return_cache}
         keys, values = [], []
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             past = None if cache is None else (cache.keys[index], cache.values[index])
+            if index == last and output_rows is not None:
+                context = {**context, "output_rows": output_rows}
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant: works with FSDP's hooks and with inputs that need no gradient; the RNG state
                 # is replayed, so dropout draws the same masks when the block is recomputed.
@@ -239,6 +253,8 @@ class SequenceBackbone(nn.Module):
                 hidden, (k, v) = self._call_layer(layer, hidden, shared, past, context)
             keys.append(k)
             values.append(v)
+        if output_rows is not None and hidden.shape[1] > output_rows:
+            hidden = hidden[:, -output_rows:]  # a backbone whose last layer computed every row
         hidden = self._output_norm(hidden)
         if not return_cache:
             return hidden, None

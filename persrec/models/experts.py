@@ -246,15 +246,19 @@ class ExpertSequenceModel(nn.Module):
         stop: int,
         cache: KVCache | None,
         return_cache: bool,
+        output_rows: int | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """Run slots [start, stop) of the inserted sequence; `cache` holds every expert slot before `start`.
 
-        inputs / valid / times are for those slots only: [B, stop - start, ...].
+        inputs / valid / times are for those slots only: [B, stop - start, ...]; `output_rows` n: only the
+        hidden states of the last n slots are wanted.
         """
         mask = self._mask[start:stop, start:stop][None] & valid[:, None, :]
         mask = mask | torch.eye(stop - start, dtype=torch.bool, device=mask.device)
         positions = torch.arange(start, stop, device=inputs.device).expand(inputs.shape[0], -1)
-        return self.backbone.encode(inputs, mask, positions, times, cache=cache, return_cache=return_cache)
+        return self.backbone.encode(
+            inputs, mask, positions, times, cache=cache, return_cache=return_cache, output_rows=output_rows
+        )
 
     # ---- training / full forward ---------------------------------------------------------------------------
     def item_hidden_states(
@@ -336,8 +340,15 @@ class ExpertSequenceModel(nn.Module):
         new = new.select(self._expert_slots[e0:e1] - start)
         return new if cache is None else KVCache.concat([cache, new])
 
-    def predict_hidden(self, cache: KVCache, recent_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
-        """Hidden states of the recent window run against the expert cache: [B, R'] -> [B, R', D].
+    def predict_hidden(
+        self,
+        cache: KVCache,
+        recent_ids: Tensor,
+        timestamps: Tensor | None = None,
+        output_rows: int | None = None,
+    ) -> Tensor:
+        """Hidden states of the recent window run against the expert cache: [B, R'] -> [B, R', D] (the last
+        `output_rows` slots only, when given: the serving and evaluation reads need one).
 
         recent_ids are the last R' <= R items of the window (left-padded with 0 where a user has fewer); a
         shorter window runs only its own slots, which gives the states a padded full-length window would.
@@ -350,5 +361,7 @@ class ExpertSequenceModel(nn.Module):
             raise ValueError(f"the recent window holds 1 to {limit} items, got {recent}")
         start = self.layout.length - recent
         inputs, valid, times = self._span_inputs(recent_ids, timestamps, None, start, self.layout.length)
-        hidden, _ = self._run_slots(inputs, valid, times, start, self.layout.length, cache, False)
+        hidden, _ = self._run_slots(
+            inputs, valid, times, start, self.layout.length, cache, False, output_rows
+        )
         return hidden

@@ -119,8 +119,10 @@ class HFDecoderBackbone(SequenceBackbone):
         cache: KVCache | None = None,
         mask_includes_cache: bool = False,
         return_cache: bool = False,
+        output_rows: int | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        """Same contract as `SequenceBackbone.encode`; `timestamps` are carried in caches but not read."""
+        """Same contract as `SequenceBackbone.encode`; `timestamps` are carried in caches but not read (and
+        the decoder computes every row: `output_rows` only trims the result)."""
         if not mask_includes_cache:
             mask = full_attention_mask(mask, cache)
         arguments: dict[str, Any] = {
@@ -135,7 +137,7 @@ class HFDecoderBackbone(SequenceBackbone):
                 list(zip(cache.keys, cache.values, strict=True))
             )
         output = self.decoder(**arguments)
-        hidden = output[0]
+        hidden = output[0] if output_rows is None else output[0][:, -output_rows:]
         if not return_cache:
             return hidden, None
         start = 0 if cache is None else cache.length

@@ -47,10 +47,12 @@ class HSTULayer(nn.Module):
         past: tuple[Tensor, Tensor] | None,
         bias_index: RelativeBiasIndex | None = None,
         keep_present: bool = True,
+        output_rows: int | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x: [B, L, D]; mask: [B, L, S] with S = cached + L; bias_index: the pass's relative-bias index (needed
         when the layer has a relative bias); keep_present False: the caller drops this step's (k, v) before
-        the next pass. Returns the new x and this step's (k, v)."""
+        the next pass; output_rows n: only the last n rows of the new x are wanted (the queries of the others
+        are skipped; keys and values still cover every row). Returns the new x and this step's (k, v)."""
         hv, hq = self.heads * self.v_dim, self.heads * self.qk_dim
         normed = self.input_norm(x)
         if torch.is_grad_enabled():
@@ -73,6 +75,11 @@ class HSTULayer(nn.Module):
         present = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if output_rows is not None and output_rows < x.shape[1]:
+            x, u, q = x[:, -output_rows:], u[:, -output_rows:], q[:, :, -output_rows:]
+            mask = PassMask(mask_tensor(mask)[:, -output_rows:])
+            if bias_index is not None:
+                bias_index = RelativeBiasIndex(bias_index.index[:, -output_rows:], bias_index.keys)
         bias = None
         if self.relative_bias is not None:
             if bias_index is None:
@@ -120,4 +127,5 @@ class HSTU(SequenceBackbone):
         past: tuple[Tensor, Tensor] | None,
         context: dict,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        return layer(hidden, mask, past, context["bias_index"], context.get("keep_present", True))
+        keep_present, rows = context.get("keep_present", True), context.get("output_rows")
+        return layer(hidden, mask, past, context["bias_index"], keep_present, rows)

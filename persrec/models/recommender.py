@@ -33,7 +33,7 @@ class SequentialRecommender(nn.Module):
     def user_embeddings(self, batch: dict[str, Tensor], use_cache: bool | None = None) -> Tensor:
         """[B, D]: the hidden state of the most recent item (windows are left-padded). `use_cache` is
         accepted for interface parity with expert models; a plain backbone has no cache."""
-        return self.backbone(batch["input_ids"], batch.get("timestamps"))[:, -1]
+        return self.backbone(batch["input_ids"], batch.get("timestamps"), output_rows=1)[:, -1]
 
     def embed_items(self, item_ids: Tensor) -> Tensor:
         return self.backbone.embed_items(item_ids)
@@ -178,7 +178,7 @@ class ExpertRecommender(nn.Module):
             return self.model.item_hidden_states(item_ids, times, users)[:, -1]
         cache = self.compress(item_ids[:, :history], None if times is None else times[:, :history], users)
         recent_times = None if times is None else times[:, history:]
-        return self.model.predict_hidden(cache, item_ids[:, history:], recent_times)[:, -1]
+        return self.model.predict_hidden(cache, item_ids[:, history:], recent_times, output_rows=1)[:, -1]
 
     def embed_items(self, item_ids: Tensor) -> Tensor:
         return self.backbone.embed_items(item_ids)

@@ -166,9 +166,11 @@ class Recommender:
         skip = min(plan.offset for plan in plans)
         recent = recent[:, skip:]
         times = None if times is None else times[:, skip:]
-        query = torch.tensor([plan.query_slot - skip for plan in plans], device=self.device)
+        slots = [plan.query_slot - skip for plan in plans]
+        rows = recent.shape[1] - min(slots)  # only the slots from the earliest query on are read
+        query = torch.tensor([slot - (recent.shape[1] - rows) for slot in slots], device=self.device)
         with torch.inference_mode():
-            hidden = self.model.model.predict_hidden(cache, recent, times)
+            hidden = self.model.model.predict_hidden(cache, recent, times, output_rows=rows)
         return hidden[torch.arange(len(plans), device=self.device), query]
 
     def _per_user(self) -> bool:
