@@ -131,16 +131,18 @@ def load(
     signatures: dict[str, list[type]],
     what: str,
     defines: tuple[str, ...] = (),
+    extra_flags: tuple[str, ...] = (),
 ) -> ctypes.CDLL | None:
-    """The library built from `source` (with `-D` `defines`), its functions typed per `signatures`; None where
-    kernels are off or unsupported, and None with one warning naming `what` when the build fails. The
-    library's `openmp` attribute says whether it shares work out itself (see `run_parallel`)."""
+    """The library built from `source` (with `-D` `defines` and `extra_flags`, e.g. an instruction set), its
+    functions typed per `signatures`; None where kernels are off or unsupported, and None with one warning
+    naming `what` when the build fails. The library's `openmp` attribute says whether it shares work out
+    itself (see `run_parallel`)."""
     if os.environ.get(ENV_SWITCH, "1") == "0" or not cpu_has_avx2():
         return None
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None
-    flags = [*FLAGS, *(f"-D{define}" for define in defines)]
+    flags = [*FLAGS, *extra_flags, *(f"-D{define}" for define in defines)]
     try:
         try:
             library = _build(compiler, [*flags, OPENMP_FLAG], stem, source, what, announce=True)

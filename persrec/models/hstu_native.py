@@ -29,11 +29,8 @@ MAX_HEAD_DIM = 32
 # The kernel visits keys in blocks of this many; its mask and bias rows are padded to a multiple of it.
 KEY_ALIGN = 8
 
-_SOURCE = (
-    native.PARALLEL_PRELUDE
-    + native.AVX2_MATH
-    + r"""
-
+# What every build of the fused kernel shares: head widths, strided views, the key/value packing.
+KERNEL_COMMON = r"""
 /* DK, DV (query/key and value widths) are compile-time constants so that per-head vectors stay in registers. */
 #define C (DK + DV)
 
@@ -46,21 +43,30 @@ static inline const float *row_of(const float *base, view_t s, int64_t bh, int h
     return base + (bh / heads) * s.b + (bh % heads) * s.h + i * s.row;
 }
 
-/* kv [BH, S8 / 8, DK + DV, 8]: each block of 8 key slots holds its keys, then its values, feature-major, so
-   the kernels read one contiguous 8 * C floats per block. Slots past `keys` are zero. Units: batch-head pairs. */
-void hstu_pack(int64_t u0, int64_t u1, int threads, int heads, int keys, int keys8, const float *k, view_t ks, const float *v,
-               view_t vs, float *kv) {
-    FOR_UNITS(bh) {
-        float *KV = kv + bh * keys8 * C;
-        for (int j = 0; j < keys8; j++) {
-            float *slot = KV + (int64_t)(j / 8) * 8 * C + j % 8;
-            const float *kr = j < keys ? row_of(k, ks, bh, heads, j) : 0;
-            const float *vr = j < keys ? row_of(v, vs, bh, heads, j) : 0;
-            for (int d = 0; d < DK; d++) slot[8 * d] = kr ? kr[d] : 0.0f;
-            for (int e = 0; e < DV; e++) slot[8 * (DK + e)] = vr ? vr[e] : 0.0f;
-        }
+/* kv [BH, SW / W, DK + DV, W]: each block of W key slots holds its keys, then its values, feature-major, so
+   the kernels read one contiguous W * C floats per block. Slots past `keys` are zero. Units: batch-head pairs. */
+#define DEFINE_PACK(NAME, W)                                                                                   \
+    void NAME(int64_t u0, int64_t u1, int threads, int heads, int keys, int keysw, const float *k, view_t ks,  \
+              const float *v, view_t vs, float *kv) {                                                          \
+        FOR_UNITS(bh) {                                                                                        \
+            float *KV = kv + bh * keysw * C;                                                                   \
+            for (int j = 0; j < keysw; j++) {                                                                  \
+                float *slot = KV + (int64_t)(j / W) * W * C + j % W;                                           \
+                const float *kr = j < keys ? row_of(k, ks, bh, heads, j) : 0;                                  \
+                const float *vr = j < keys ? row_of(v, vs, bh, heads, j) : 0;                                  \
+                for (int d = 0; d < DK; d++) slot[W * d] = kr ? kr[d] : 0.0f;                                  \
+                for (int e = 0; e < DV; e++) slot[W * (DK + e)] = vr ? vr[e] : 0.0f;                           \
+            }                                                                                                  \
+        }                                                                                                      \
     }
-}
+"""
+
+_SOURCE = (
+    native.PARALLEL_PRELUDE
+    + native.AVX2_MATH
+    + KERNEL_COMMON
+    + r"""
+DEFINE_PACK(hstu_pack, 8)
 
 /* The inverse of hstu_pack for gradients: grad_kv -> grad_k and grad_v rows (slots past `keys` dropped). */
 void hstu_unpack(int64_t u0, int64_t u1, int threads, int heads, int keys, int keys8, const float *grad_kv, float *grad_k,
@@ -166,7 +172,7 @@ void hstu_backward(int64_t u0, int64_t u1, int threads, int heads, int length, i
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 
 
-class _View(ctypes.Structure):
+class View(ctypes.Structure):
     """view_t: element strides of batch, head and row of a [B, H, rows, width] tensor (width contiguous)."""
 
     _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("row", ctypes.c_int64)]
@@ -177,10 +183,10 @@ class _View(ctypes.Structure):
 _RANGE = [_I64, _I64, _INT, _INT, _INT, _INT]
 _LAYOUT = [_PTR, _PTR, _PTR, _PTR, _PTR]
 _SIGNATURES = {
-    "hstu_pack": [*_RANGE, _PTR, _View, _PTR, _View, _PTR],
-    "hstu_unpack": [*_RANGE, _PTR, _PTR, _View, _PTR, _View],
-    "hstu_forward": [*_RANGE, _PTR, _View, *_LAYOUT, _FLOAT, _PTR, _View],
-    "hstu_backward": [*_RANGE, _PTR, _View, *_LAYOUT, _PTR, _View, _FLOAT, _PTR, _View, _PTR, _PTR],
+    "hstu_pack": [*_RANGE, _PTR, View, _PTR, View, _PTR],
+    "hstu_unpack": [*_RANGE, _PTR, _PTR, View, _PTR, View],
+    "hstu_forward": [*_RANGE, _PTR, View, *_LAYOUT, _FLOAT, _PTR, View],
+    "hstu_backward": [*_RANGE, _PTR, View, *_LAYOUT, _PTR, View, _FLOAT, _PTR, View, _PTR, _PTR],
 }
 
 
@@ -252,9 +258,9 @@ def _readable(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _strides(t: Tensor) -> _View:
+def _strides(t: Tensor) -> View:
     """Batch, head and row strides of a [B, H, rows, width] tensor whose last dimension is contiguous."""
-    return _View(t.stride(0), t.stride(1), t.stride(2))
+    return View(t.stride(0), t.stride(1), t.stride(2))
 
 
 def _rows_major(batch: int, heads: int, rows: int, width: int, like: Tensor) -> Tensor:
@@ -269,22 +275,30 @@ class _NativeHSTUAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, bias, normaliser):  # noqa: D102
+        from persrec.models import hstu_native512
+
         batch, heads, length, dk = q.shape
         keys, dv = k.shape[2], v.shape[3]
         keys8 = padded_keys(keys)
-        library = _library(dk, dv)
+        # Without gradients the AVX-512 forward may run: it packs its own 16-key blocks, which no backward reads.
+        wide = None if any(ctx.needs_input_grad) else hstu_native512.library(dk, dv)
+        library, block = (wide, hstu_native512.BLOCK) if wide is not None else (_library(dk, dv), KEY_ALIGN)
+        slots = -(-keys8 // block) * block
         mask8, first, stop = layout
         q, k, v = _readable(q), _readable(k), _readable(v)
-        kv = q.new_empty(batch * heads, keys8 // 8, dk + dv, 8)
+        kv = q.new_empty(batch * heads, slots // block, dk + dv, block)
         pack = (_ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(kv))
-        native.run_parallel(library, "hstu_pack", batch * heads, heads, keys, keys8, *pack)
+        pack_name, forward_name = ("hstu_pack16", "hstu_forward16") if wide else ("hstu_pack", "hstu_forward")
+        native.run_parallel(library, pack_name, batch * heads, heads, keys, slots, *pack)
         bias8 = None if bias is None else _padded_bias(bias, keys8)
         out = _rows_major(batch, heads, length, dv, q)
         layout = (_ptr(kv), _ptr(mask8), _ptr(bias8), _ptr(first), _ptr(stop))
         io = (1.0 / normaliser, _ptr(out), _strides(out))
         native.run_parallel(
-            library, "hstu_forward", batch * heads, heads, length, keys8, _ptr(q), _strides(q), *layout, *io
+            library, forward_name, batch * heads, heads, length, keys8, _ptr(q), _strides(q), *layout, *io
         )
+        if wide is not None:
+            return out  # nothing needs a gradient: no backward will run
         ctx.save_for_backward(q, kv, bias8, mask8, first, stop)
         ctx.normaliser, ctx.shape = normaliser, (batch, heads, length, keys, dk, dv)
         return out

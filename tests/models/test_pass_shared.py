@@ -85,6 +85,7 @@ def test_mask_summary_is_built_once_per_pass(monkeypatch, backbone, implementati
     ids, times = _batch(length)
     expected = model(ids, times).detach()
     calls = _counting(monkeypatch, module, builder)
+    first = None
     for passes in (1, 2):
         if mode == "train":
             model(ids, times).sum().backward()
@@ -97,7 +98,10 @@ def test_mask_summary_is_built_once_per_pass(monkeypatch, backbone, implementati
                 out = model(ids, times)
         assert len(calls) == passes, f"{len(calls)} summaries after {passes} pass(es) of {LAYERS} layers"
         if out is not None:
-            assert torch.equal(out, expected)
+            # Without gradients the fused kernel may take its AVX-512 build: equal up to float rounding.
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            first = out if first is None else first
+            assert torch.equal(out, first)  # every pass of one mode gives the same bits
 
 
 def test_relative_bias_index_is_built_once_per_pass_and_matches_a_per_layer_bias(monkeypatch):
