@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,7 @@ import torch
 
 from persrec.atomic import atomic_path
 from persrec.models.base import KVCache
+from persrec.serve.redis_local import start_local_redis
 from persrec.serve.store import decode_cache, encode_cache
 
 
@@ -84,33 +82,6 @@ class LMDBStore:
         self.env.close()
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str] | None:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
 def measure(store: object, caches: list[KVCache], fingerprint: str = "model") -> tuple[float, float]:
     start = time.perf_counter()
     for index, cache in enumerate(caches):
@@ -129,7 +100,7 @@ def throughput(args: argparse.Namespace, work: Path) -> list[dict]:
     from persrec.serve.store_sqlite import SQLiteStore
 
     caches = [make_cache(16, 8, 4, 8, seed) for seed in range(args.users)]
-    redis = start_redis(work)
+    redis = start_local_redis(work)
     rows = []
     try:
         for dtype in ("float32", "float16"):
@@ -146,7 +117,7 @@ def throughput(args: argparse.Namespace, work: Path) -> list[dict]:
             if redis is not None:
                 from persrec.serve.store_redis import RedisStore
 
-                backends["Redis (loopback)"] = lambda d=dtype: RedisStore(redis[1], d, prefix=f"bench-{d}")
+                backends["Redis (loopback)"] = lambda d=dtype: RedisStore(redis.url, d, prefix=f"bench-{d}")
             for name, make in backends.items():
                 store = make()
                 put, get = measure(store, caches)
@@ -154,7 +125,7 @@ def throughput(args: argparse.Namespace, work: Path) -> list[dict]:
                 rows.append({"store": name, "dtype": dtype, "put_per_s": put, "get_per_s": get})
     finally:
         if redis is not None:
-            redis[0].terminate()
+            redis.stop()
     size = {d: len(encode_cache(caches[0], d)) for d in ("float32", "float16")}
     for row in rows:
         row["bytes"] = size[row["dtype"]]

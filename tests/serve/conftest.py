@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -39,39 +37,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip(
         "redis", reason="the redis client is part of the test extra: pip install -e '.[test]'"
     )
-    import redis
+    from persrec.serve.redis_local import start_local_redis
 
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        process.kill()
-        pytest.fail("redis-server did not start")
-    yield url
-    client.close()
-    process.terminate()
-    process.wait(timeout=10)
+    server = start_local_redis(tmp_path_factory.mktemp("redis"))
+    assert server is not None  # the binary was found above
+    yield server.url
+    server.stop()
