@@ -66,6 +66,7 @@ class ModelFiles:
     item_ids: list[Any]  # item_ids[i - 1] is the original id of dense item i
     user_ids: list[Any] | None  # user_ids[u] is the original id of training user u
     fingerprint: str
+    weights_sha256: str
 
     @classmethod
     def open(cls, path: Path) -> ModelFiles:
@@ -86,10 +87,11 @@ class ModelFiles:
         users = directory / USER_IDS_FILE
         user_ids = _read_id_column(users, "user_idx", "user_id", 0) if users.is_file() else None
         # The weights and the config that shaped them: caches made by anything else are never used.
+        weights_sha256 = sha256_file(directory / WEIGHTS_FILE)
         fingerprint = hashlib.sha256(
-            (sha256_file(directory / WEIGHTS_FILE) + sha256_file(directory / "config.yaml")).encode()
+            (weights_sha256 + sha256_file(directory / "config.yaml")).encode()
         ).hexdigest()
-        return cls(directory, config, dataset, item_ids, user_ids, fingerprint)
+        return cls(directory, config, dataset, item_ids, user_ids, fingerprint, weights_sha256)
 
 
 def serving_model(files: ModelFiles) -> torch.nn.Module:
@@ -109,7 +111,7 @@ def serving_model(files: ModelFiles) -> torch.nn.Module:
     num_users = int(files.dataset.get("num_users") or 0)
     weights = files.directory / WEIGHTS_FILE
     table_file = files.directory / ITEM_TABLE_FILE
-    table = _item_table(table_file, weights) if config.item_llm_trainable else None
+    table = _item_table(table_file, files.weights_sha256) if config.item_llm_trainable else None
     if table is None:
         model = build_model(config, len(files.item_ids), num_users, model_dir=files.directory)
         load_state(model, read_weights(weights), weights)
@@ -124,7 +126,7 @@ def serving_model(files: ModelFiles) -> torch.nn.Module:
     return model
 
 
-def _item_table(path: Path, weights: Path) -> torch.Tensor | None:
+def _item_table(path: Path, weights_sha256: str) -> torch.Tensor | None:
     """The saved item table when it was computed with these weights; None when absent or from other weights
     (a run that found a better model after writing it, or was stopped before its final evaluation)."""
     from safetensors import safe_open
@@ -137,4 +139,4 @@ def _item_table(path: Path, weights: Path) -> torch.Tensor | None:
             table = table_file.get_tensor("item_table")
     except Exception as error:  # noqa: BLE001 - any damage to the file is the same mistake for the user
         raise ConfigError(f"{path} is not a readable item table ({error})") from error
-    return table if recorded == sha256_file(weights) else None
+    return table if recorded == weights_sha256 else None
