@@ -288,7 +288,8 @@ class _NativeHSTUAttention(torch.autograd.Function):
         q, k, v = _readable(q), _readable(k), _readable(v)
         kv = q.new_empty(batch * heads, slots // block, dk + dv, block)
         pack = (_ptr(k), _strides(k), _ptr(v), _strides(v), _ptr(kv))
-        pack_name, forward_name = ("hstu_pack16", "hstu_forward16") if wide else ("hstu_pack", "hstu_forward")
+        names = ("hstu_pack16", "hstu_forward16") if wide is not None else ("hstu_pack", "hstu_forward")
+        pack_name, forward_name = names
         native.run_parallel(library, pack_name, batch * heads, heads, keys, slots, *pack)
         bias8 = None if bias is None else _padded_bias(bias, keys8)
         out = _rows_major(batch, heads, length, dv, q)

@@ -177,10 +177,7 @@ def _add_time_buckets(out: Tensor, query_times: Tensor, key_times: Tensor, bucke
     """out [B, L, S] int32 += the time bucket of every (query, key) pair, in blocks of about BUCKET_BLOCK pairs
     (bounded temporaries) and in int32 where every gap fits (half the memory traffic of int64)."""
     batch, length, keys = query_times.shape[0], query_times.shape[1], key_times.shape[1]
-    low = torch.minimum(query_times.min(), key_times.min())
-    high = torch.maximum(query_times.max(), key_times.max())
-    if int(high - low) < 2**31:
-        query_times, key_times = (query_times - low).to(torch.int32), (key_times - low).to(torch.int32)
+    query_times, key_times = _narrow_times(query_times, key_times)
     rows = max(1, BUCKET_BLOCK // keys)  # (sequence, query) rows per block
     per_block = max(1, rows // length)  # whole sequences per block, or one sequence in row blocks
     rows = length if per_block > 1 else min(length, rows)
@@ -195,6 +192,16 @@ def _add_time_buckets(out: Tensor, query_times: Tensor, key_times: Tensor, bucke
             )
             block.abs_().clamp_(min=1)
             out[b0:b1, i0:i1] += _floor_log2(block).clamp_(max=buckets)
+
+
+def _narrow_times(query_times: Tensor, key_times: Tensor) -> tuple[Tensor, Tensor]:
+    """Both as int32 offsets from the earliest time when every gap fits in int32 (the same gaps at half the
+    memory traffic), else unchanged."""
+    low = torch.minimum(query_times.min(), key_times.min())
+    high = torch.maximum(query_times.max(), key_times.max())
+    if int(high - low) >= 2**31:
+        return query_times, key_times
+    return (query_times - low).to(torch.int32), (key_times - low).to(torch.int32)
 
 
 def _floor_log2(values: Tensor) -> Tensor:
@@ -306,10 +313,8 @@ def _native_index(inputs: _IndexInputs) -> Tensor | None:
 
     name, time_dtype = "bias_index_i64", torch.int64
     if query_times is not None and key_times is not None:
-        low = torch.minimum(query_times.min(), key_times.min())
-        high = torch.maximum(query_times.max(), key_times.max())
-        if int(high - low) < 2**31:  # every gap fits in int32: the vectorised kernel
-            query_times, key_times = query_times - low, key_times - low
+        query_times, key_times = _narrow_times(query_times, key_times)
+        if query_times.dtype == torch.int32:  # the vectorised kernel
             name, time_dtype = "bias_index_i32", torch.int32
     out = scratch("hstu bias index", (batch, length, keys8), torch.int32, torch.device("cpu"))
     positions = inputs.max_positions if inputs.query_positions is not None else 0
